@@ -1,0 +1,230 @@
+"""The scale-aware Omni-Seg network.
+
+A residual U-Net backbone (pre-activation blocks, GroupNorm(16), additive skips)
+produces an 8-channel feature map and a 256-vector from the bottleneck.  A
+controller turns that vector, the tissue and the scale into 162 numbers: the
+weights and biases of a tiny 1x1-conv head 8 -> 8 -> 8 -> 2 applied to *that*
+sample only.  Because only the controller and the head depend on the tissue, the
+backbone runs once per patch and every tissue at that magnification reuses it:
+``features`` is the expensive part, ``heads`` costs well under 0.1 % of it.
+
+The controller is one 256 -> 162 matrix per (tissue, scale) pair plus a shared
+bias.  That is exactly what a linear layer on the flattened outer product
+feature x tissue-one-hot x scale-one-hot computes, without building the product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEAD_CHANNELS = 8
+#: sizes of the 162-vector, weights first then biases: W1, W2, W3, b1, b2, b3
+HEAD_SPLIT = (64, 64, 16, 8, 8, 2)
+N_HEAD_PARAMS = sum(HEAD_SPLIT)  # 162
+
+
+@dataclass
+class NetConfig:
+    """Architecture hyper-parameters; stored in every checkpoint sidecar."""
+
+    n_tissues: int = 6
+    n_scales: int = 4
+    widths: tuple[int, ...] = (32, 64, 128, 256, 256)
+    blocks: tuple[int, ...] = (1, 2, 2, 2, 2)
+    groups: int = 16
+    head_channels: int = HEAD_CHANNELS
+    in_channels: int = 3
+    #: scale id of each tissue (its default magnification)
+    tissue_scales: tuple[int, ...] = (1, 1, 0, 0, 1, 3)
+    name: str = "omniseg-scale-aware"
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("widths", "blocks", "tissue_scales"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NetConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown architecture fields: {sorted(unknown)}")
+        kw = dict(d)
+        for k in ("widths", "blocks", "tissue_scales"):
+            if k in kw:
+                kw[k] = tuple(int(v) for v in kw[k])
+        return cls(**kw)
+
+    @property
+    def divisor(self) -> int:
+        """Input sides must be multiples of this."""
+        return 2 ** (len(self.widths) - 1)
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block: GN-ReLU-conv3x3 twice plus a shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, groups: int = 16):
+        super().__init__()
+        self.gn1 = nn.GroupNorm(groups, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.gn2 = nn.GroupNorm(groups, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.GroupNorm(groups, cin), nn.ReLU(inplace=False), nn.Conv2d(cin, cout, 1, stride, bias=False)
+            )
+        else:
+            self.downsample = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(F.relu(self.gn1(x)))
+        out = self.conv2(F.relu(self.gn2(out)))
+        short = x if self.downsample is None else self.downsample(x)
+        return out + short
+
+
+def _stage(cin: int, cout: int, n: int, stride: int, groups: int) -> nn.Sequential:
+    layers = [ResBlock(cin, cout, stride, groups)]
+    layers += [ResBlock(cout, cout, 1, groups) for _ in range(n - 1)]
+    return nn.Sequential(*layers)
+
+
+class Backbone(nn.Module):
+    """Residual U-Net: returns (8-channel decoder features, 256-d GAP vector)."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        w, b, g = cfg.widths, cfg.blocks, cfg.groups
+        self.stem = nn.Conv2d(cfg.in_channels, w[0], 3, 1, 1, bias=False)
+        stages = []
+        cin = w[0]
+        for i, (cout, n) in enumerate(zip(w, b)):
+            stages.append(_stage(cin, cout, n, 1 if i == 0 else 2, g))
+            cin = cout
+        self.encoder = nn.ModuleList(stages)
+        self.fusion = nn.Sequential(nn.GroupNorm(g, w[-1]), nn.ReLU(), nn.Conv2d(w[-1], w[-1], 1, bias=False))
+        self.gap_norm = nn.GroupNorm(g, w[-1])
+        # decoder: from the deepest width down to the first, adding the encoder skips
+        # level i adds skip i (width w[i]) and maps w[i] -> w[i-1] (w[0] at the top)
+        if w[-1] != w[-2]:
+            raise ValueError("the last two widths must match (the bottleneck adds skip 3 directly)")
+        dec = [ResBlock(w[i], w[max(i - 1, 0)], 1, g) for i in range(len(w) - 2, -1, -1)]
+        self.decoder = nn.ModuleList(dec)
+        self.precls = nn.Sequential(nn.GroupNorm(g, w[0]), nn.ReLU(), nn.Conv2d(w[0], cfg.head_channels, 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        skips = []
+        x = self.stem(x)
+        for st in self.encoder:
+            x = st(x)
+            skips.append(x)
+        x = self.fusion(x)
+        gap = F.adaptive_avg_pool2d(F.relu(self.gap_norm(x)), 1).flatten(1)
+        for blk, skip in zip(self.decoder, reversed(skips[:-1])):
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            x = blk(x + skip)
+        return self.precls(x), gap
+
+
+class OmniSegNet(nn.Module):
+    """Scale-aware Omni-Seg: one backbone, one dynamic head per (tissue, scale)."""
+
+    def __init__(self, cfg: NetConfig | None = None):
+        super().__init__()
+        self.cfg = cfg or NetConfig()
+        c = self.cfg
+        if len(c.tissue_scales) != c.n_tissues:
+            raise ValueError("tissue_scales must name one scale per tissue")
+        self.backbone = Backbone(c)
+        feat = c.widths[-1]
+        self.controller_weight = nn.Parameter(torch.empty(c.n_tissues, c.n_scales, N_HEAD_PARAMS, feat))
+        self.controller_bias = nn.Parameter(torch.zeros(N_HEAD_PARAMS))
+        # same scale as a default linear layer over the 6144-wide outer product
+        bound = 1.0 / (feat * c.n_tissues * c.n_scales) ** 0.5
+        nn.init.uniform_(self.controller_weight, -bound, bound)
+        nn.init.uniform_(self.controller_bias, -bound, bound)
+
+    # -- the expensive, tissue-independent part -------------------------------------
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the backbone once: images N x 3 x H x W in [0, 1] -> (N x 8 x H x W, N x 256)."""
+        d = self.cfg.divisor
+        if images.ndim != 4 or images.shape[-1] % d or images.shape[-2] % d:
+            raise ValueError(f"images must be N x C x H x W with H and W multiples of {d}, got {tuple(images.shape)}")
+        return self.backbone(images)
+
+    # -- the cheap, tissue-specific part -------------------------------------------
+    def head_params(self, gap: torch.Tensor, tissues: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """Controller: gap N x 256, tissues and scales N x T (ints) -> N x T x 162."""
+        w = self.controller_weight[tissues, scales]  # N x T x 162 x 256
+        return torch.einsum("ntpf,nf->ntp", w, gap) + self.controller_bias
+
+    def heads(
+        self,
+        features: tuple[torch.Tensor, torch.Tensor],
+        tissues: "Sequence[int] | torch.Tensor",
+        scales: "Sequence[int] | torch.Tensor | None" = None,
+    ) -> torch.Tensor:
+        """Apply the dynamic head of each tissue to shared features.
+
+        ``tissues`` is either a list of T tissue ids applied to every sample, or an
+        N x T integer tensor (one row per sample).  ``scales`` defaults to each
+        tissue's own magnification.  Returns logits N x T x 2 x H x W.
+        """
+        fmap, gap = features
+        n = fmap.shape[0]
+        t = torch.as_tensor(tissues, dtype=torch.long, device=fmap.device)
+        if t.ndim == 1:
+            t = t.unsqueeze(0).expand(n, -1)
+        if scales is None:
+            table = torch.as_tensor(self.cfg.tissue_scales, dtype=torch.long, device=fmap.device)
+            s = table[t]
+        else:
+            s = torch.as_tensor(scales, dtype=torch.long, device=fmap.device)
+            if s.ndim == 1:
+                s = s.unsqueeze(0).expand(n, -1)
+        params = self.head_params(gap.float(), t, s).to(fmap.dtype)
+        w1, w2, w3, b1, b2, b3 = torch.split(params, HEAD_SPLIT, dim=-1)
+        k = self.cfg.head_channels
+        nt = t.shape[1]
+        w1 = w1.reshape(n, nt, k, k)
+        w2 = w2.reshape(n, nt, k, k)
+        w3 = w3.reshape(n, nt, 2, k)
+        h, wd = fmap.shape[-2:]
+        x = fmap.reshape(n, 1, k, h * wd)  # N x 1 x 8 x P, broadcast over tissues
+        x = F.relu(torch.matmul(w1, x) + b1.unsqueeze(-1))
+        x = F.relu(torch.matmul(w2, x) + b2.unsqueeze(-1))
+        x = torch.matmul(w3, x) + b3.unsqueeze(-1)
+        return x.reshape(n, nt, 2, h, wd)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        tissues: "torch.Tensor | Sequence[int]",
+        scales: "torch.Tensor | Sequence[int] | None" = None,
+    ) -> torch.Tensor:
+        """Per-sample forward: tissues (and scales) of length N -> logits N x 2 x H x W."""
+        t = torch.as_tensor(tissues, dtype=torch.long, device=images.device).reshape(-1, 1)
+        s = None if scales is None else torch.as_tensor(scales, dtype=torch.long, device=images.device).reshape(-1, 1)
+        return self.heads(self.features(images), t, s)[:, 0]
+
+
+def foreground(logits: torch.Tensor) -> torch.Tensor:
+    """Binary decision of the 2-logit output: foreground where logit[1] > logit[0]."""
+    return logits[..., 1, :, :] > logits[..., 0, :, :]
+
+
+def fg_probability(logits: torch.Tensor) -> torch.Tensor:
+    """Probability of foreground from the 2 logits (softmax over the pair)."""
+    return torch.sigmoid(logits[..., 1, :, :] - logits[..., 0, :, :])
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
