@@ -1,0 +1,1 @@
+"""Datasets, augmentation, losses, the training loop and metrics."""

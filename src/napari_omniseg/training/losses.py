@@ -1,0 +1,39 @@
+"""Dice + binary cross-entropy on the 2-logit output, with the boundary ring weight.
+
+The target has two channels (background, foreground).  Pixels in a ring up to two
+pixels (4-connected steps) outside each object get weight 1.2, everything else 1.0,
+so the network is pushed to separate touching objects.  The weight enters the BCE
+and the Dice sums (intersection and both denominators), so Dice stays within [0, 1].
+Loss = mean over both channels of (1 - Dice) + mean weighted BCE, 1:1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage as ndi
+
+RING_WEIGHT = 1.2
+RING_WIDTH = 2
+
+
+def ring_weight(mask: np.ndarray, weight: float = RING_WEIGHT, width: int = RING_WIDTH) -> np.ndarray:
+    """Weight map: ``weight`` on the ring just outside objects, 1 elsewhere."""
+    if not mask.any():
+        return np.ones(mask.shape, np.float32)
+    ring = ndi.binary_dilation(mask, iterations=width) & ~mask
+    return np.where(ring, np.float32(weight), np.float32(1.0))
+
+
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, smooth: float = 1.0) -> torch.Tensor:
+    """logits N x 2 x H x W; target N x H x W (0/1); weight N x H x W or None."""
+    t = torch.stack([1.0 - target.float(), target.float()], dim=1)
+    w = torch.ones_like(t[:, :1]) if weight is None else weight.float().unsqueeze(1)
+    p = torch.sigmoid(logits.float())
+    dims = (2, 3)
+    inter = (p * t * w).sum(dims)
+    denom = (p * w).sum(dims) + (t * w).sum(dims)
+    dice = (2 * inter + smooth) / (denom + smooth)
+    bce = F.binary_cross_entropy_with_logits(logits.float(), t, weight=w.expand_as(t), reduction="mean")
+    return (1.0 - dice).mean() + bce

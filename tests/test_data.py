@@ -1,0 +1,131 @@
+import shutil
+import warnings
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from napari_omniseg.training.augment import augment, random_crop
+from napari_omniseg.training.data import DataError, load_arrays, load_dataset, load_folder, read_image, read_mask, select
+from napari_omniseg.training.losses import dice_bce_loss, ring_weight
+from napari_omniseg.training.manifest import MANIFEST_COLUMNS, append_manifest_rows, read_manifest_rows
+
+
+def test_demo_split_and_layouts_agree(demo_dir):
+    via_csv = load_dataset(demo_dir)
+    via_folder = load_folder(demo_dir / "KI_data_testingset_demo")
+    assert len(via_csv) == len(via_folder) == 110
+    assert {s.image_path for s in via_csv} == {s.image_path for s in via_folder}
+    counts = {sp: len(select(via_csv, sp)) for sp in ("train", "val", "test")}
+    assert counts == {"train": 68, "val": 19, "test": 23}
+    assert len(select(via_csv, "train+val")) == 87
+    ptc = select(via_csv, None, tissues=["ptc"])
+    assert len(ptc) == 15 and {s.stain for s in ptc} == {"pas"}
+
+
+def test_demo_arrays_are_rgb_uint8_and_binary_masks(demo_dir):
+    s = load_arrays(select(load_dataset(demo_dir), "val"))
+    assert all(x.image.shape == (256, 256, 3) and x.image.dtype == np.uint8 for x in s)
+    assert all(x.mask.dtype == bool and x.mask.any() for x in s)
+
+
+def _pair(tmp_path, img, msk, name="im_1"):
+    d = tmp_path / "0_1_dt" / "he"
+    d.mkdir(parents=True, exist_ok=True)
+    iio.imwrite(d / f"{name}.png", img)
+    iio.imwrite(d / f"{name}_mask_distal.png", msk)
+    return d / f"{name}.png", d / f"{name}_mask_distal.png"
+
+
+def test_encodings_are_normalised(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    grey = rgb[..., 0]
+    rgba = np.dstack([rgb, np.full((32, 32), 255, np.uint8)])
+    for i, img in enumerate([rgb, grey, rgba]):
+        p, _ = _pair(tmp_path, img, (grey > 128).astype(np.uint8) * 255, f"im_{i}")
+        out = read_image(p)
+        assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    assert np.array_equal(read_image(tmp_path / "0_1_dt/he/im_2.png"), rgb)
+    m01 = tmp_path / "m01.png"
+    iio.imwrite(m01, (grey > 128).astype(np.uint8))  # 0/1 mask
+    assert np.array_equal(read_mask(m01), grey > 128)
+
+
+def test_bad_inputs_are_named(tmp_path):
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    _pair(tmp_path, rgb, np.zeros((16, 32), np.uint8), "im_size")
+    with pytest.raises(DataError, match=r"im_size_mask_distal.png: mask is 32x16 px but image im_size.png is 32x32"):
+        load_arrays(load_folder(tmp_path))
+    shutil.rmtree(tmp_path / "0_1_dt")
+    _pair(tmp_path, rgb, np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) % 7, "im_multi")
+    with pytest.raises(DataError, match="im_multi_mask_distal.png: mask is not binary"):
+        load_arrays(load_folder(tmp_path))
+    shutil.rmtree(tmp_path / "0_1_dt")
+    p, m = _pair(tmp_path, rgb, np.zeros((32, 32), np.uint8), "im_empty")
+    assert len(load_arrays(load_folder(tmp_path))) == 1  # empty masks are kept by default
+    with pytest.warns(UserWarning, match="empty mask, sample skipped"):
+        assert load_arrays(load_folder(tmp_path), drop_empty=True) == []
+    p.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(DataError, match="im_empty.png: cannot read image"):
+        load_arrays(load_folder(tmp_path))
+    with pytest.raises(DataError, match="no such file"):
+        load_dataset(tmp_path / "nope")
+
+
+def test_manifest_append_never_overwrites(tmp_path):
+    m = tmp_path / "manifest.csv"
+    row = {"image_path": "a.png", "label_path": "a_mask.png", "name": "a", "task_id": 0, "scale_id": 1, "tissue": "distal_tubule"}
+    assert append_manifest_rows(m, [row]) == 1
+    append_manifest_rows(m, [dict(row, image_path="b.png")])
+    rows = read_manifest_rows(m)
+    assert [r["image_path"] for r in rows] == ["a.png", "b.png"]
+    assert list(rows[0]) == list(MANIFEST_COLUMNS)
+    with pytest.raises(ValueError, match="unknown manifest columns"):
+        append_manifest_rows(m, [{"bogus": 1}])
+    assert len(read_manifest_rows(m)) == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_manifest_folder_loads_as_dataset(tmp_path):
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    msk = np.zeros((32, 32), np.uint8)
+    msk[4:9, 4:9] = 255
+    (tmp_path / "p").mkdir()
+    iio.imwrite(tmp_path / "p/x.png", rgb)
+    iio.imwrite(tmp_path / "p/x_mask.png", msk)
+    append_manifest_rows(tmp_path / "manifest.csv", [{"image_path": "p/x.png", "label_path": "p/x_mask.png",
+                                                      "tissue": "glomerular_tuft", "stain": "pas", "split": "train",
+                                                      "origin": "correction"}])
+    (s,) = load_arrays(load_dataset(tmp_path))
+    assert s.tissue.short == "tuft" and s.origin == "correction" and s.split == "train" and s.mask.sum() == 25
+
+
+def test_ring_weight_and_loss():
+    m = np.zeros((9, 9), bool)
+    m[4, 4] = True
+    w = ring_weight(m)
+    assert w[4, 4] == 1.0 and w[4, 6] == pytest.approx(1.2) and w[4, 7] == 1.0 and w[3, 3] == pytest.approx(1.2)
+    import torch
+
+    y = torch.from_numpy(m[None].astype(np.float32))
+    good = torch.stack([torch.from_numpy(np.where(m, -20.0, 20.0)), torch.from_numpy(np.where(m, 20.0, -20.0))])[None]
+    bad = -good
+    assert float(dice_bce_loss(good, y, torch.from_numpy(w[None]))) < 0.05
+    assert float(dice_bce_loss(bad, y, torch.from_numpy(w[None]))) > 1.5
+
+
+def test_augment_is_seeded_and_keeps_mask_aligned():
+    rng = np.random.default_rng
+    img = np.zeros((64, 64, 3), np.float32)
+    img[20:40, 10:30] = 1.0
+    msk = img[..., 0] > 0.5
+    a1, m1 = augment(img, msk, rng(5))
+    a2, m2 = augment(img, msk, rng(5))
+    assert np.array_equal(a1, a2) and np.array_equal(m1, m2)
+    for seed in range(10):
+        a, m = augment(img, msk, rng(seed))
+        assert a.shape == img.shape and m.dtype == bool and a.min() >= 0 and a.max() <= 1
+        if m.sum() > 50:  # mask still sits on the bright square
+            assert a[..., 0][m].mean() > a[..., 0][~m].mean() + 0.3
+    c, cm = random_crop(img, msk, 32, rng(0))
+    assert c.shape == (32, 32, 3) and cm.shape == (32, 32)
