@@ -33,6 +33,9 @@ class Tissue:
     magnification: int  #: objective magnification the model sees it at (5, 10, 20, 40)
     color: str  #: display colour, "#rrggbb"
     aliases: tuple[str, ...] = ()
+    #: name of a tissue this one lies inside (the tuft lies inside the glomerular unit);
+    #: used by the complete label map, where the inner tissue is drawn over its container
+    inside: str | None = None
 
     @property
     def mpp(self) -> float:
@@ -65,6 +68,7 @@ class Tissue:
             magnification=int(d["magnification"]),
             color=str(d.get("color", "#ffffff")),
             aliases=tuple(d.get("aliases", ())),
+            inside=d.get("inside"),
         )
 
 
@@ -72,7 +76,7 @@ TISSUES: tuple[Tissue, ...] = (
     Tissue(0, "distal_tubule", "dt", "Distal tubule", 10, "#1f77ff", ("distal", "dt")),
     Tissue(1, "proximal_tubule", "pt", "Proximal tubule", 10, "#2ca02c", ("proximal", "pt")),
     Tissue(2, "glomerular_unit", "cap", "Glomerular unit (with Bowman capsule)", 5, "#ffbf00", ("capsule", "cap")),
-    Tissue(3, "glomerular_tuft", "tuft", "Glomerular tuft", 5, "#d62728", ("tuft",)),
+    Tissue(3, "glomerular_tuft", "tuft", "Glomerular tuft", 5, "#d62728", ("tuft",), inside="glomerular_unit"),
     Tissue(4, "artery", "ves", "Artery / arteriole", 10, "#9467bd", ("vessel", "ves", "arteriole")),
     Tissue(5, "peritubular_capillary", "ptc", "Peritubular capillary", 40, "#17becf", ("ptc", "capillary")),
 )

@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .._io import atomic_write_bytes, fsync_dir as _fsync_dir
 from ..tissues import TISSUES, Tissue, tissues_from_json, tissues_to_json
 from .network import NetConfig, OmniSegNet
 
@@ -83,44 +84,6 @@ def sha256_file(path: "str | Path", chunk: int = 1 << 20) -> str:
                 break
             h.update(b)
     return h.hexdigest()
-
-
-def atomic_write_bytes(path: "str | Path", data: bytes, overwrite: bool = True) -> None:
-    """Write ``data`` to ``path`` via a fsynced temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not overwrite and path.exists():
-        raise FileExistsError(f"{path} exists; refusing to overwrite")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if not overwrite:
-            # link fails if the target appeared meanwhile: never replace an existing file
-            os.link(tmp, path)
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def all_finite(model: torch.nn.Module) -> bool:

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from ..model.checkpoint import atomic_write_bytes
+from .._io import atomic_write_bytes
 
 #: columns in order; the first five are Omni-Seg's data_list.csv
 MANIFEST_COLUMNS = (

@@ -1,0 +1,49 @@
+"""Crash-safe file writing shared by every module that saves user data."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def fsync_dir(d: "str | Path") -> None:
+    """Make a rename in ``d`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: "str | Path", data: bytes, overwrite: bool = True) -> None:
+    """Write ``data`` to ``path`` via a fsynced temporary file and a rename.
+
+    A crash leaves either the old file or the new one, never a mix.  With
+    ``overwrite=False`` an existing file is never replaced (FileExistsError).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path} exists; refusing to overwrite")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if the target appeared meanwhile
+            os.unlink(tmp)
+        fsync_dir(path.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

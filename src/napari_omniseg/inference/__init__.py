@@ -1,0 +1,1 @@
+"""Tiling plans and the batched, streaming multi-tissue inference engine."""

@@ -1,0 +1,414 @@
+"""The batched multi-tissue inference engine.
+
+For every magnification among the requested tissues: read tiles (a prefetch thread
+reads and resamples while the model computes), run the backbone ONCE per tile, then
+the tiny head of every tissue at that magnification, blend the overlapping tiles and
+hand finished blocks to a *sink* (an in-memory region, or the OME-Zarr writer).
+Memory holds only the blocks still waiting for a neighbouring tile, so it does not
+grow with the slide.
+
+Background tiles (no tissue in the slide's low-resolution tissue mask) are not run
+and come out as background.  A tile that cannot be read (corrupt or truncated data)
+is reported, and its block is marked *unknown* (label value 255), not background.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from ..model.checkpoint import Checkpoint
+from ..tissues import Tissue, resolve_tissues
+from .plan import MagPlan, make_plans, ramp_window, region_in_plan
+
+log = logging.getLogger(__name__)
+
+UNKNOWN = 255  #: label value of pixels that could not be analysed (unreadable tile)
+
+ProgressFn = Callable[[dict], None]
+StopFn = Callable[[], bool]
+
+
+class SegmentationCancelled(RuntimeError):
+    pass
+
+
+class CorruptTileWarning(UserWarning):
+    pass
+
+
+@dataclass
+class EngineConfig:
+    core: int = 512  #: output block side in target pixels (also the zarr chunk side)
+    margin: int = 32  #: context added on every side of a block; tiles overlap by 2 * margin
+    batch_size: int = 4
+    device: str = "auto"
+    amp: bool = True  #: bf16/fp16 autocast on CUDA (always fp32 on CPU)
+    skip_background: bool = True
+    prefetch: int = 2  #: batches read ahead
+    threads: int = 0  #: torch CPU threads (0 = leave as is)
+
+
+@dataclass
+class RunReport:
+    tiles_total: int = 0
+    tiles_run: int = 0
+    tiles_skipped: int = 0
+    tiles_failed: list = field(default_factory=list)  #: (magnification, ti, tj, message)
+    blocks_written: int = 0
+    blocks_resumed: int = 0
+    seconds: float = 0.0
+    model_seconds: float = 0.0
+    read_seconds: float = 0.0
+
+
+class Sink(Protocol):
+    def done_blocks(self, plan: MagPlan) -> set: ...
+
+    def write_block(self, plan: MagPlan, bi: int, bj: int, labels: dict[str, np.ndarray]) -> None: ...
+
+
+def pick_device(name: str | None = "auto") -> torch.device:
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def read_tile(source, plan: MagPlan, ti: int, tj: int) -> np.ndarray:
+    """The tile's pixels at the plan's resolution, mirror-padded past the slide's edge."""
+    s = plan.tile_size
+    oy, ox = plan.tile_origin(ti, tj)
+    H, W = plan.shape
+    y0, x0 = max(oy, 0), max(ox, 0)
+    y1, x1 = min(oy + s, H), min(ox + s, W)
+    f = plan.factor
+    img = source.read_at_mpp(plan.mpp, int(round(y0 * f)), int(round(x0 * f)), y1 - y0, x1 - x0)
+    img = np.asarray(img)
+    if img.shape[:2] != (y1 - y0, x1 - x0):
+        raise ValueError(f"reader returned {img.shape[:2]}, expected {(y1 - y0, x1 - x0)}")
+    pad = ((y0 - oy, oy + s - y1), (x0 - ox, ox + s - x1), (0, 0))
+    if any(p for pair in pad for p in pair):
+        mode = "reflect" if min(img.shape[:2]) > 1 else "edge"
+        img = np.pad(img, pad, mode=mode)
+    return img
+
+
+class Segmenter:
+    """Runs a checkpoint over slides; one backbone pass per tile per magnification."""
+
+    def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None):
+        self.ckpt = checkpoint
+        self.cfg = config or EngineConfig()
+        self.device = pick_device(self.cfg.device)
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        self.model = checkpoint.model.to(self.device).eval()
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self._window = ramp_window(self.cfg.core, self.cfg.margin)
+        self._mask_cache: dict = {}
+
+    # ------------------------------------------------------------------ helpers
+    def tissues(self, names: Iterable | None) -> list[Tissue]:
+        return resolve_tissues(list(names) if names else None, self.ckpt.tissues)
+
+    def plans(self, source, tissues=None, region=None) -> list[MagPlan]:
+        return make_plans(self.tissues(tissues), tuple(source.shapes[0]), source.mpp, region,
+                          self.cfg.core, self.cfg.margin)
+
+    def tissue_mask(self, source):
+        key = (id(source), getattr(source, "path", None))
+        if key not in self._mask_cache:
+            from ..slides.tissue_mask import tissue_mask
+
+            self._mask_cache[key] = tissue_mask(source)
+        return self._mask_cache[key]
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.cfg.amp:
+            dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dt)
+        return torch.autocast("cpu", enabled=False)
+
+    @torch.inference_mode()
+    def predict_tiles(self, tiles: np.ndarray, tissue_ids: Sequence[int]) -> np.ndarray:
+        """uint8 N x S x S x 3 -> foreground probabilities float32 N x T x S x S."""
+        x = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2)
+        x = self.ckpt.normalize(x).to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            feats = self.model.features(x)
+            logits = self.model.heads(feats, list(tissue_ids))
+        p = torch.sigmoid((logits[:, :, 1] - logits[:, :, 0]).float())
+        return p.cpu().numpy()
+
+    def _predict_safely(self, batch, tissue_ids):
+        """Predict, halving the batch on out-of-memory (results do not depend on batch size)."""
+        try:
+            return self.predict_tiles(batch, tissue_ids)
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            h = len(batch) // 2
+            log.warning("out of memory with %d tiles; retrying in halves", len(batch))
+            return np.concatenate([self._predict_safely(batch[:h], tissue_ids), self._predict_safely(batch[h:], tissue_ids)])
+
+    # ------------------------------------------------------------------ main loop
+    def run(
+        self,
+        source,
+        sink: Sink,
+        tissues=None,
+        region: tuple[int, int, int, int] | None = None,
+        on_progress: ProgressFn | None = None,
+        should_stop: StopFn | None = None,
+    ) -> RunReport:
+        """Segment ``region`` (level-0 x, y, w, h; None = whole slide) into ``sink``."""
+        t_start = time.perf_counter()
+        rep = RunReport()
+        plans = self.plans(source, tissues, region)
+        mask = self.tissue_mask(source) if self.cfg.skip_background else None
+        work = []
+        for plan in plans:
+            done = set(sink.done_blocks(plan))
+            rep.blocks_resumed += sum(1 for b in plan.blocks if b in done)
+            blocks = [b for b in plan.blocks if b not in done]
+            tiles = sorted({(i + a, j + b) for i, j in blocks for a in (-1, 0, 1) for b in (-1, 0, 1)}
+                           & set(plan.tiles))
+            work.append((plan, blocks, tiles))
+            rep.tiles_total += len(tiles)
+        n_done = 0
+        for plan, blocks, tiles in work:
+            if not blocks:
+                continue
+            n_done = self._run_plan(source, sink, plan, blocks, tiles, mask, rep, n_done, on_progress, should_stop)
+        rep.seconds = time.perf_counter() - t_start
+        return rep
+
+    def _run_plan(self, source, sink, plan, blocks, tiles, mask, rep, n_done, on_progress, should_stop):
+        produce = set(blocks)
+        names = [t.name for t in plan.tissues]
+        ids = [t.id for t in plan.tissues]
+        # how many tiles each block still waits for
+        tile_set = set(tiles)
+        waiting = {b: sum(1 for a in (-1, 0, 1) for c in (-1, 0, 1) if (b[0] + a, b[1] + c) in tile_set) for b in blocks}
+        acc: dict = {}
+
+        def block_state(b):
+            st = acc.get(b)
+            if st is None:
+                y0, y1, x0, x1 = plan.block_bounds(*b)
+                st = acc[b] = [np.zeros((len(ids), y1 - y0, x1 - x0), np.float32),
+                               np.zeros((y1 - y0, x1 - x0), np.float32), np.zeros((y1 - y0, x1 - x0), bool)]
+            return st
+
+        def finish_tile(t, probs=None, failed=False):
+            ti, tj = t
+            oy, ox = plan.tile_origin(ti, tj)
+            s = plan.tile_size
+            for a in (-1, 0, 1):
+                for c in (-1, 0, 1):
+                    b = (ti + a, tj + c)
+                    if b not in produce:
+                        continue
+                    st = block_state(b)
+                    if probs is not None:
+                        y0, y1, x0, x1 = plan.block_bounds(*b)
+                        ys0, ys1 = max(y0, oy), min(y1, oy + s)
+                        xs0, xs1 = max(x0, ox), min(x1, ox + s)
+                        if ys0 < ys1 and xs0 < xs1:
+                            w = self._window[ys0 - oy : ys1 - oy, xs0 - ox : xs1 - ox]
+                            st[0][:, ys0 - y0 : ys1 - y0, xs0 - x0 : xs1 - x0] += probs[:, ys0 - oy : ys1 - oy, xs0 - ox : xs1 - ox] * w
+                            st[1][ys0 - y0 : ys1 - y0, xs0 - x0 : xs1 - x0] += w
+                    if failed and b == t:
+                        st[2][:] = True
+                    waiting[b] -= 1
+                    if waiting[b] == 0:
+                        self._emit(sink, plan, b, acc.pop(b), names)
+                        rep.blocks_written += 1
+
+        # which tiles hold tissue
+        run_tiles = []
+        for t in tiles:
+            if mask is not None and not self._has_tissue(mask, plan, t, source.mpp):
+                rep.tiles_skipped += 1
+                finish_tile(t)
+            else:
+                run_tiles.append(t)
+        n_done += len(tiles) - len(run_tiles)
+
+        q: queue.Queue = queue.Queue(maxsize=max(1, self.cfg.prefetch) * self.cfg.batch_size)
+        stop_reader = threading.Event()
+
+        def reader():
+            for t in run_tiles:
+                if stop_reader.is_set():
+                    break
+                t0 = time.perf_counter()
+                try:
+                    item = (t, read_tile(source, plan, *t), None)
+                except Exception as e:  # a corrupt tile must not end the run
+                    item = (t, None, f"{type(e).__name__}: {e}")
+                rep.read_seconds += time.perf_counter() - t0
+                while not stop_reader.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+            q.put(None)
+
+        th = threading.Thread(target=reader, name="omniseg-prefetch", daemon=True)
+        th.start()
+        finished = False
+        try:
+            while not finished:
+                if should_stop is not None and should_stop():
+                    raise SegmentationCancelled("segmentation cancelled; blocks already written are kept")
+                batch, keys = [], []
+                while len(batch) < self.cfg.batch_size:
+                    item = q.get()
+                    if item is None:
+                        finished = True
+                        break
+                    t, img, err = item
+                    if err is not None:
+                        msg = f"tile {t} at {plan.magnification}x could not be read ({err}); marked unknown"
+                        warnings.warn(msg, CorruptTileWarning, stacklevel=2)
+                        rep.tiles_failed.append((plan.magnification, t[0], t[1], err))
+                        # keep row-major order: flush what we have first
+                        if batch:
+                            self._flush(batch, keys, ids, finish_tile, rep)
+                            batch, keys = [], []
+                        finish_tile(t, failed=True)
+                        n_done += 1
+                        continue
+                    batch.append(img)
+                    keys.append(t)
+                if batch:
+                    self._flush(batch, keys, ids, finish_tile, rep)
+                    n_done += len(batch)
+                if on_progress is not None:
+                    on_progress({"phase": "segment", "done": n_done, "total": rep.tiles_total,
+                                 "magnification": plan.magnification, "blocks_written": rep.blocks_written})
+        finally:
+            stop_reader.set()
+            # drain so the reader can exit
+            while th.is_alive():
+                try:
+                    q.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            th.join()
+        if acc:  # cannot happen unless counts are inconsistent
+            raise RuntimeError(f"internal error: {len(acc)} blocks left unfinished at {plan.magnification}x")
+        return n_done
+
+    def _flush(self, batch, keys, ids, finish_tile, rep):
+        t0 = time.perf_counter()
+        probs = self._predict_safely(np.stack(batch), ids)
+        rep.model_seconds += time.perf_counter() - t0
+        rep.tiles_run += len(batch)
+        for t, p in zip(keys, probs):
+            finish_tile(t, p)
+
+    def _has_tissue(self, mask, plan, t, level0_mpp) -> bool:
+        from ..slides.tissue_mask import tile_has_tissue
+
+        m, m_mpp = mask
+        y, x, h, w = plan.level0_box(*t)
+        return bool(tile_has_tissue(m, m_mpp, y, x, h, w, level0_mpp))
+
+    def _emit(self, sink, plan, b, st, names):
+        acc, wsum, unknown = st
+        with np.errstate(invalid="ignore", divide="ignore"):
+            prob = np.where(wsum > 0, acc / np.maximum(wsum, 1e-12), 0.0)
+        labels = {}
+        for k, name in enumerate(names):
+            lab = (prob[k] > 0.5).astype(np.uint8)
+            lab[unknown] = UNKNOWN
+            labels[name] = lab
+        sink.write_block(plan, b[0], b[1], labels)
+
+
+# ---------------------------------------------------------------------- region sink
+@dataclass
+class RegionLabels:
+    """One tissue's labels over a region, on that tissue's own pixel grid."""
+
+    tissue: Tissue
+    data: np.ndarray  #: uint8: 0 background, 1 tissue, 255 unknown
+    mpp: float
+    factor: float  #: level-0 pixels per pixel of ``data``
+    origin: tuple[int, int]  #: (y, x) of data[0, 0] in the tissue's target grid
+
+    @property
+    def level0_offset(self) -> tuple[float, float]:
+        """Level-0 pixel coordinates of the top-left corner of data[0, 0]."""
+        return (self.origin[0] * self.factor, self.origin[1] * self.factor)
+
+    def napari_transform(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """(scale, translate) that place the labels over the level-0 image in napari
+        (pixel centres: target pixel i covers level-0 [i*f, (i+1)*f))."""
+        f = self.factor
+        return (f, f), ((self.origin[0] + 0.5) * f - 0.5, (self.origin[1] + 0.5) * f - 0.5)
+
+
+class MemorySink:
+    """Collects the labels of a level-0 region in memory (for napari and tests)."""
+
+    def __init__(self, region: tuple[int, int, int, int]):
+        self.region = region
+        self.result: dict[str, RegionLabels] = {}
+        self._bounds: dict[int, tuple] = {}
+
+    def done_blocks(self, plan):
+        return set()
+
+    def write_block(self, plan, bi, bj, labels):
+        if plan.magnification not in self._bounds:
+            self._bounds[plan.magnification] = region_in_plan(plan, self.region)
+        ry0, ry1, rx0, rx1 = self._bounds[plan.magnification]
+        y0, y1, x0, x1 = plan.block_bounds(bi, bj)
+        ys0, ys1, xs0, xs1 = max(y0, ry0), min(y1, ry1), max(x0, rx0), min(x1, rx1)
+        if ys0 >= ys1 or xs0 >= xs1:
+            return
+        for t in plan.tissues:
+            r = self.result.get(t.name)
+            if r is None:
+                r = self.result[t.name] = RegionLabels(t, np.zeros((ry1 - ry0, rx1 - rx0), np.uint8), plan.mpp,
+                                                       plan.factor, (ry0, rx0))
+            r.data[ys0 - ry0 : ys1 - ry0, xs0 - rx0 : xs1 - rx0] = labels[t.name][ys0 - y0 : ys1 - y0, xs0 - x0 : xs1 - x0]
+
+
+def segment_region(
+    segmenter: Segmenter,
+    source,
+    region: tuple[int, int, int, int] | None = None,
+    tissues=None,
+    on_progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> tuple[dict[str, RegionLabels], RunReport]:
+    """Segment a level-0 region (x, y, w, h) into memory; None = the whole (small) slide."""
+    if region is None:
+        H, W = source.shapes[0]
+        region = (0, 0, W, H)
+    sink = MemorySink(region)
+    rep = segmenter.run(source, sink, tissues, region, on_progress, should_stop)
+    return sink.result, rep

@@ -1,0 +1,1 @@
+"""Label stores (OME-Zarr), the complete label map rule, GeoJSON and measurements."""

@@ -1,0 +1,249 @@
+"""The segmentation output: an OME-Zarr (NGFF 0.5, zarr v3) label store.
+
+Layout::
+
+    result.ome.zarr/
+      zarr.json                 attributes: ome.version, omniseg {source, mpp, model, tissues, run}
+      labels/zarr.json          attributes: ome.labels = [tissue names..., "tissue_map"]
+      labels/<tissue>/          one multiscale uint8 label image per tissue, at that tissue's
+        0/ 1/ 2/ ...            magnification; 0 background, 1 tissue, 255 unknown
+      labels/tissue_map/        the complete map (see :mod:`.aggregate`) at the finest
+                                magnification among the tissues; value = tissue id + 1
+
+Each label image has ``image-label`` metadata (colours, names) and coordinate
+transformations in micrometres, so napari and other NGFF readers place all tissues
+over each other.  Level 0 is written block by block as blocks finish; which blocks
+are done is recorded in ``progress.json`` (replaced atomically after each block's
+data is written), so a killed run leaves a valid store and rerunning resumes.
+Coarser levels and the complete map are built at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import zarr
+
+from .._io import atomic_write_bytes
+from ..tissues import Tissue
+from .aggregate import UNKNOWN, complete_map
+
+MAP_NAME = "tissue_map"
+STORE_FORMAT = "napari-omniseg-labels"
+STORE_VERSION = 1
+
+
+def _rgba(t: Tissue, alpha: int = 255) -> list[int]:
+    return [*t.rgb, alpha]
+
+
+def _multiscale_meta(name: str, mpp: float, n_levels: int) -> dict:
+    return {
+        "name": name,
+        "axes": [{"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}],
+        "datasets": [
+            {"path": str(k), "coordinateTransformations": [
+                {"type": "scale", "scale": [mpp * 2**k, mpp * 2**k]},
+                {"type": "translation", "translation": [mpp * (2**k - 1) / 2, mpp * (2**k - 1) / 2]},
+            ]}
+            for k in range(n_levels)
+        ],
+    }
+
+
+def n_levels_for(shape: tuple[int, int], chunk: int) -> int:
+    return 1 + max(0, math.ceil(math.log2(max(shape) / chunk))) if max(shape) > chunk else 1
+
+
+class LabelStore:
+    """Create, fill, resume and read a label store."""
+
+    def __init__(self, path: "str | Path", mode: str = "r"):
+        self.path = Path(path)
+        self.root = zarr.open_group(str(self.path), mode=mode)
+        self._lock = threading.Lock()
+        self._progress_file = self.path / "progress.json"
+        self._done: dict[str, set] = {}
+        if self._progress_file.exists():
+            raw = json.loads(self._progress_file.read_text())
+            self._done = {k: {tuple(b) for b in v} for k, v in raw.get("done", {}).items()}
+
+    # ------------------------------------------------------------------ create
+    @classmethod
+    def create(
+        cls,
+        path: "str | Path",
+        tissues: Sequence[Tissue],
+        level0_shape: tuple[int, int],
+        level0_mpp: float,
+        chunk: int,
+        attrs: dict,
+    ) -> "LabelStore":
+        """Create the store, or reopen it for resuming when its settings match."""
+        path = Path(path)
+        meta = {"format": STORE_FORMAT, "format_version": STORE_VERSION, "level0_shape": list(level0_shape),
+                "level0_mpp": level0_mpp, "chunk": chunk, "tissues": [t.name for t in tissues], **attrs}
+        if (path / "zarr.json").exists():
+            st = cls(path, mode="r+")
+            old = st.meta
+            keys = ("level0_shape", "level0_mpp", "chunk", "tissues", "model_sha256", "source")
+            diff = [k for k in keys if old.get(k) != meta.get(k)]
+            if diff:
+                raise FileExistsError(
+                    f"{path} holds a different segmentation ({', '.join(diff)} differ); choose another output path"
+                )
+            return st
+        root = zarr.open_group(str(path), mode="w-", zarr_format=3)
+        root.attrs.update({"ome": {"version": "0.5"}, "omniseg": {**meta, "complete": False}})
+        labels = root.create_group("labels")
+        labels.attrs["ome"] = {"version": "0.5", "labels": [t.name for t in tissues] + [MAP_NAME]}
+        for t in tissues:
+            f = t.mpp / level0_mpp
+            shape = (max(1, math.ceil(level0_shape[0] / f)), max(1, math.ceil(level0_shape[1] / f)))
+            cls._create_label(labels, t.name, shape, t.mpp, chunk, [t])
+        return cls(path, mode="r+")
+
+    @staticmethod
+    def _create_label(labels, name, shape, mpp, chunk, tissues: Sequence[Tissue]):
+        g = labels.create_group(name)
+        nl = n_levels_for(shape, chunk)
+        colors = [{"label-value": t.id + 1 if len(tissues) > 1 else 1, "rgba": _rgba(t)} for t in tissues]
+        colors.append({"label-value": UNKNOWN, "rgba": [128, 128, 128, 160]})
+        props = [{"label-value": t.id + 1 if len(tissues) > 1 else 1, "name": t.name} for t in tissues]
+        props.append({"label-value": UNKNOWN, "name": "unknown"})
+        g.attrs["ome"] = {
+            "version": "0.5",
+            "multiscales": [_multiscale_meta(name, mpp, nl)],
+            "image-label": {"version": "0.5", "colors": colors, "properties": props},
+        }
+        g.attrs["omniseg"] = {"mpp": mpp}
+        s = shape
+        for k in range(nl):
+            g.create_array(str(k), shape=s, chunks=(chunk, chunk), dtype="uint8", fill_value=0)
+            s = (max(1, math.ceil(s[0] / 2)), max(1, math.ceil(s[1] / 2)))
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def meta(self) -> dict:
+        return dict(self.root.attrs.get("omniseg", {}))
+
+    @property
+    def tissue_names(self) -> list[str]:
+        return list(self.meta.get("tissues", []))
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete"))
+
+    def label_names(self) -> list[str]:
+        return list(self.root["labels"].attrs["ome"]["labels"])
+
+    def has(self, name: str) -> bool:
+        return name in self.root["labels"]
+
+    def level(self, name: str, k: int = 0):
+        return self.root["labels"][name][str(k)]
+
+    def n_levels(self, name: str) -> int:
+        return len(self.root["labels"][name].attrs["ome"]["multiscales"][0]["datasets"])
+
+    def mpp(self, name: str) -> float:
+        return float(self.root["labels"][name].attrs["omniseg"]["mpp"])
+
+    def dask_levels(self, name: str) -> list:
+        import dask.array as da
+
+        return [da.from_zarr(self.level(name, k)) for k in range(self.n_levels(name))]
+
+    # ------------------------------------------------------------------ writing (engine sink)
+    def done_blocks(self, plan) -> set:
+        sets = [self._done.get(t.name, set()) for t in plan.tissues]
+        return set.intersection(*sets) if sets else set()
+
+    def write_block(self, plan, bi, bj, labels) -> None:
+        y0, y1, x0, x1 = plan.block_bounds(bi, bj)
+        with self._lock:
+            for t in plan.tissues:
+                arr = self.level(t.name, 0)
+                arr[y0:y1, x0:x1] = labels[t.name]
+            for t in plan.tissues:  # recorded only after the data is written
+                self._done.setdefault(t.name, set()).add((bi, bj))
+            body = {"done": {k: sorted(v) for k, v in self._done.items()}}
+            atomic_write_bytes(self._progress_file, json.dumps(body).encode())
+
+    def finalize(self, tissues: Sequence[Tissue], run_info: dict | None = None, map_mpp: float | None = None) -> None:
+        """Build the coarser levels and the complete map; mark the store complete."""
+        for t in tissues:
+            self._build_levels(t.name)
+        self._build_map(tissues, map_mpp)
+        om = self.meta
+        om["complete"] = True
+        if run_info:
+            om["run"] = run_info
+        self.root.attrs["omniseg"] = om
+
+    def _build_levels(self, name: str) -> None:
+        nl = self.n_levels(name)
+        for k in range(1, nl):
+            src, dst = self.level(name, k - 1), self.level(name, k)
+            ch = dst.chunks[0]
+            for y in range(0, dst.shape[0], ch):
+                for x in range(0, dst.shape[1], ch):
+                    block = src[2 * y : 2 * (y + ch), 2 * x : 2 * (x + ch)]
+                    dst[y : y + ch, x : x + ch] = block[::2, ::2][: min(ch, dst.shape[0] - y), : min(ch, dst.shape[1] - x)]
+
+    def _build_map(self, tissues: Sequence[Tissue], map_mpp: float | None) -> None:
+        labels = self.root["labels"]
+        meta = self.meta
+        mpp = map_mpp or min(t.mpp for t in tissues)
+        shape0 = meta["level0_shape"]
+        f = mpp / meta["level0_mpp"]
+        shape = (max(1, math.ceil(shape0[0] / f)), max(1, math.ceil(shape0[1] / f)))
+        chunk = int(meta["chunk"])
+        if MAP_NAME in labels:
+            del labels[MAP_NAME]
+        self._create_label(labels, MAP_NAME, shape, mpp, chunk, list(tissues))
+        dst = self.level(MAP_NAME, 0)
+        for y in range(0, shape[0], chunk):
+            for x in range(0, shape[1], chunk):
+                h, w = min(chunk, shape[0] - y), min(chunk, shape[1] - x)
+                masks = {}
+                for t in tissues:
+                    src = self.level(t.name, 0)
+                    r = t.mpp / mpp  # map pixels per tissue pixel along each axis
+                    ys = np.minimum(((np.arange(y, y + h) + 0.5) / r).astype(int), src.shape[0] - 1)
+                    xs = np.minimum(((np.arange(x, x + w) + 0.5) / r).astype(int), src.shape[1] - 1)
+                    sub = src[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1]
+                    masks[t.name] = sub[np.ix_(ys - ys[0], xs - xs[0])]
+                dst[y : y + h, x : x + w] = complete_map(masks, tissues)
+        self._build_levels(MAP_NAME)
+
+    # ------------------------------------------------------------------ reading
+    def read(self, name: str, level: int = 0) -> np.ndarray:
+        return np.asarray(self.level(name, level)[...])
+
+    def describe(self) -> str:
+        m = self.meta
+        lines = [f"{self.path}: {'complete' if m.get('complete') else 'INCOMPLETE (rerun to resume)'}"]
+        for n in self.label_names():
+            if self.has(n):
+                a = self.level(n, 0)
+                lines.append(f"  {n:<24} {a.shape[1]} x {a.shape[0]} px at {self.mpp(n)} um/px, {self.n_levels(n)} levels")
+        return "\n".join(lines)
+
+
+def json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    raise TypeError(type(o))
+
+
+def dumps(o) -> str:
+    return json.dumps(o, default=json_default)
