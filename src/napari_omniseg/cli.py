@@ -1,0 +1,284 @@
+"""The ``omniseg`` command: the same core the napari widgets use.
+
+Sub-commands register themselves in :data:`COMMANDS`; heavy imports (torch, dask)
+happen inside each command so ``omniseg --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str):
+    def deco(fn):
+        COMMANDS[name] = (fn.add_arguments, fn)  # type: ignore[attr-defined]
+        return fn
+
+    return deco
+
+
+def _args(add: Callable[[argparse.ArgumentParser], None]):
+    def deco(fn):
+        fn.add_arguments = add
+        return fn
+
+    return deco
+
+
+class _Bar:
+    """A tqdm progress bar on stderr, or nothing when stderr is not a terminal and quiet."""
+
+    def __init__(self, total: int, desc: str, quiet: bool = False):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="step", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, n: int = 1, **post):
+        if post:
+            self.bar.set_postfix(**post, refresh=False)
+        self.bar.update(n)
+
+    def close(self):
+        self.bar.close()
+
+
+def _fmt(x, nd=3):
+    try:
+        import math
+
+        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+    except (TypeError, ValueError):
+        return str(x)
+
+
+# --------------------------------------------------------------------------- info
+def _info_args(p):
+    p.add_argument("--checkpoint", "-c", help="checkpoint (.safetensors); default: the active model")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+@command("info")
+@_args(_info_args)
+def cmd_info(a: argparse.Namespace) -> int:
+    """Show the tissues, their magnifications and the model's size and provenance."""
+    from .model import count_parameters, load_checkpoint, resolve_checkpoint
+
+    path = resolve_checkpoint(a.checkpoint)
+    ck = load_checkpoint(path)
+    info = {
+        "checkpoint": str(path),
+        "version": ck.version,
+        "architecture": ck.model.cfg.name,
+        "n_parameters": count_parameters(ck.model),
+        "tissues": [
+            {"id": t.id, "name": t.name, "short": t.short, "magnification": t.magnification, "mpp": t.mpp, "color": t.color}
+            for t in ck.tissues
+        ],
+        "metrics": ck.metrics,
+        "provenance": ck.provenance,
+    }
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"checkpoint   {info['checkpoint']}")
+    print(f"version      {info['version']}")
+    print(f"parameters   {info['n_parameters']:,}")
+    print("tissues:")
+    for t in info["tissues"]:
+        print(f"  {t['id']}  {t['name']:<24} {t['magnification']:>3}x  {t['mpp']:.2f} um/px  {t['color']}")
+    if ck.metrics.get("val_mean_dice") is not None:
+        print(f"validation mean Dice {ck.metrics['val_mean_dice']:.3f}")
+    return 0
+
+
+# --------------------------------------------------------------------------- train
+def _train_args(p):
+    p.add_argument("--data", "-d", required=True, help="dataset: folder (Omni-Seg layout, data_list.csv or manifest.csv) or CSV")
+    p.add_argument("--split-file", help="CSV with image_path and split columns (default: splits.csv beside the data)")
+    p.add_argument("--train-split", default="train", help="split(s) to train on, e.g. train or train+val (default train)")
+    p.add_argument("--val-split", default="val", help="split used to pick the best epoch; 'none' to keep the last (default val)")
+    p.add_argument("--test-split", default="test", help="split evaluated at the end; 'none' to skip (default test)")
+    p.add_argument("--out", "-o", required=True, help="new checkpoint path (.safetensors); never overwritten")
+    p.add_argument("--init", help="fine-tune from this checkpoint instead of a fresh model")
+    p.add_argument("--freeze-encoder", action="store_true", help="train only decoder, controller and heads")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--crop", type=int, default=256, help="random training crop side (multiple of 16)")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="sgd = the paper's Nesterov SGD, momentum 0.99")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 for both optimizers)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--state-dir", help="folder for a resumable training state (rerun the same command to resume)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = default)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--fp16", action="store_true", help="store the weights as float16 (half the size)")
+    p.add_argument("--history", help="write the per-epoch history as JSON here")
+    p.add_argument("--json", action="store_true", help="print the final evaluation as JSON")
+    p.add_argument("--quiet", "-q", action="store_true")
+
+
+@command("train")
+@_args(_train_args)
+def cmd_train(a: argparse.Namespace) -> int:
+    """Train Omni-Seg from partially labelled patches (one tissue labelled per image)."""
+    import torch
+
+    from .model import load_checkpoint
+    from .training.data import load_arrays, load_dataset, select
+    from .training.loop import TrainConfig, TrainingCancelled, evaluate_samples, train
+    from .training.metrics import format_table
+
+    samples = load_dataset(a.data, a.split_file)
+    tr = load_arrays(select(samples, a.train_split))
+    va = [] if a.val_split == "none" else load_arrays(select(samples, a.val_split))
+    te = [] if a.test_split == "none" else load_arrays(select(samples, a.test_split))
+    if not tr:
+        print(f"error: no samples in split {a.train_split!r} of {a.data}", file=sys.stderr)
+        return 2
+    cfg = TrainConfig(
+        epochs=a.epochs, batch_size=a.batch_size, crop=a.crop, optimizer=a.optimizer, seed=a.seed,
+        freeze_encoder=a.freeze_encoder, augment=not a.no_augment, threads=a.threads, device=a.device,
+    )
+    if a.lr is not None:
+        cfg.lr = a.lr
+    init = load_checkpoint(a.init) if a.init else None
+    n_steps = sum(-(-n // a.batch_size) for n in _counts(tr).values()) * a.epochs
+    bar = _Bar(n_steps, "train", a.quiet)
+    last = {}
+
+    def prog(ev):
+        if ev["phase"] == "train":
+            bar.update(1, epoch=f"{ev['epoch']}/{ev['epochs']}", loss=f"{ev['loss']:.3f}", **last)
+        elif ev["phase"] == "epoch" and "val_mean_dice" in ev:
+            last["val_dice"] = f"{ev['val_mean_dice']:.3f}"
+
+    print(f"training on {len(tr)} patches ({a.train_split}), selecting on {len(va)} ({a.val_split}), "
+          f"{a.epochs} epochs, crop {a.crop}", file=sys.stderr)
+    try:
+        ck, hist = train(tr, va, a.out, cfg, init=init, on_progress=prog, state_dir=a.state_dir,
+                         provenance={"data": str(a.data), "train_split": a.train_split, "val_split": a.val_split,
+                                     "command": " ".join(sys.argv)},
+                         save_dtype=torch.float16 if a.fp16 else torch.float32)
+    except TrainingCancelled as e:
+        bar.close()
+        print(f"cancelled: {e}", file=sys.stderr)
+        return 130
+    bar.close()
+    if a.history:
+        Path(a.history).write_text(json.dumps(hist, indent=2))
+    print(f"wrote {a.out} (best epoch {hist['best_epoch']}, {hist['wall_time_s']:.0f} s)", file=sys.stderr)
+    if te:
+        rows, summ = evaluate_samples(ck, te, device=a.device)
+        if a.json:
+            print(json.dumps({"checkpoint": str(a.out), "split": a.test_split, **summ}, indent=2))
+        else:
+            print(f"\n{a.test_split} split ({len(te)} patches):")
+            print(format_table(summ, [t.name for t in ck.tissues]))
+    return 0
+
+
+def _counts(samples):
+    c: dict = {}
+    for s in samples:
+        c[s.tissue.id] = c.get(s.tissue.id, 0) + 1
+    return c
+
+
+# --------------------------------------------------------------------------- evaluate
+def _eval_args(p):
+    p.add_argument("--checkpoint", "-c", help="checkpoint (.safetensors); default: the active model")
+    p.add_argument("--data", "-d", required=True, help="dataset folder or CSV (as for train)")
+    p.add_argument("--split-file")
+    p.add_argument("--split", default="test", help="split(s) to evaluate, e.g. test or val+test; 'all' for every sample")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--per-stain", action="store_true", help="also print the table per stain")
+    p.add_argument("--json", action="store_true", help="print JSON: per_tissue {dice, hd_um, hd95_um, msd_um, n}, mean_dice ...")
+
+
+@command("evaluate")
+@_args(_eval_args)
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    """Score a checkpoint: foreground Dice, Hausdorff (max, 95th pct) and mean surface distance in microns."""
+    from .model import load_checkpoint, resolve_checkpoint
+    from .training.data import load_arrays, load_dataset, select
+    from .training.loop import evaluate_samples
+    from .training.metrics import format_table
+
+    path = resolve_checkpoint(a.checkpoint)
+    ck = load_checkpoint(path)
+    samples = load_dataset(a.data, a.split_file)
+    sel = load_arrays(select(samples, None if a.split == "all" else a.split))
+    if not sel:
+        print(f"error: no samples in split {a.split!r}", file=sys.stderr)
+        return 2
+    rows, summ = evaluate_samples(ck, sel, device=a.device)
+    if a.json:
+        print(json.dumps({"checkpoint": str(path), "version": ck.version, "split": a.split, "n": len(sel), **summ}, indent=2))
+        return 0
+    print(f"{path.name}  split={a.split}  n={len(sel)}")
+    print(format_table(summ, [t.name for t in ck.tissues]))
+    if a.per_stain:
+        for tissue, by_stain in summ["per_tissue_stain"].items():
+            for stain, v in by_stain.items():
+                print(f"  {tissue:<24} {stain:<4} n={v['n']:<3} dice={_fmt(v['dice'])} hd95={_fmt(v['hd95_um'], 1)} um")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    _load_plugins()
+    p = argparse.ArgumentParser(
+        prog="omniseg",
+        description="Omni-Seg multi-tissue kidney segmentation: one dynamic network for six tissue types.",
+    )
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"napari-omniseg {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (add, fn) in COMMANDS.items():
+        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        sp = sub.add_parser(name, help=doc, description=(fn.__doc__ or "").strip())
+        add(sp)
+        sp.set_defaults(_fn=fn)
+    return p
+
+
+def _load_plugins() -> None:
+    """Import modules that register more sub-commands (segment, export, demo...)."""
+    import importlib
+
+    for mod in ("napari_omniseg.inference.cli", "napari_omniseg.demo"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    if not getattr(a, "_fn", None):
+        p.print_help()
+        return 0
+    from .model.checkpoint import CheckpointError
+    from .training.data import DataError
+
+    try:
+        return int(a._fn(a) or 0)
+    except (CheckpointError, DataError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

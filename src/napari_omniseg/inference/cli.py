@@ -1,0 +1,153 @@
+"""``omniseg segment`` and ``omniseg export``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..cli import _Bar, _args, command
+
+
+def _segment_args(p: argparse.ArgumentParser):
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide file(s): SVS, OME-TIFF, tiled TIFF, OME-Zarr, PNG/JPEG (with --mpp), NDPI/MRXS (openslide extra)")
+    p.add_argument("-o", "--out", required=True, help="output .ome.zarr (one slide) or a folder (several slides: <slide>.ome.zarr inside)")
+    p.add_argument("--tissues", nargs="+", help="tissue names or short codes (default: all six)")
+    p.add_argument("--region", nargs=4, type=int, metavar=("X", "Y", "W", "H"), help="level-0 region instead of the whole slide")
+    p.add_argument("--checkpoint", "-c", help="checkpoint (.safetensors); default: the active model")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--tile", type=int, default=512, help="output block side in pixels (multiple of 16; default 512)")
+    p.add_argument("--margin", type=int, default=32, help="context on each side of a block, blended with neighbours (default 32)")
+    p.add_argument("--mpp", type=float, help="microns per pixel at level 0 (overrides the file; required when the file has none)")
+    p.add_argument("--no-skip-background", action="store_true", help="run every tile, even where the tissue mask finds none")
+    p.add_argument("--scheduler", help="dask.distributed scheduler address: run the slides on that cluster")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask before long runs")
+    p.add_argument("--quiet", "-q", action="store_true")
+
+
+def engine_config(a) -> "EngineConfig":
+    from .engine import EngineConfig
+
+    if a.tile % 16 or (a.tile + 2 * a.margin) % 16:
+        raise SystemExit("error: --tile and --tile + 2 * --margin must be multiples of 16")
+    return EngineConfig(core=a.tile, margin=a.margin, batch_size=a.batch_size, device=a.device,
+                        skip_background=not a.no_skip_background, threads=a.threads)
+
+
+def _outputs(slides, out) -> list[Path]:
+    if len(slides) == 1:
+        return [Path(out)]
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    return [d / (Path(s).name.split(".")[0] + ".ome.zarr") for s in slides]
+
+
+def segment_one(slide: str, out: str, checkpoint: str | None, tissues, region, cfg_dict: dict, mpp: float | None,
+                on_progress=None) -> dict:
+    """Segment one slide into ``out``; importable by dask workers."""
+    from ..model import load_checkpoint, resolve_checkpoint
+    from ..slides import open_slide
+    from .engine import EngineConfig, Segmenter
+    from .run import segment_to_store
+
+    ck = load_checkpoint(resolve_checkpoint(checkpoint))
+    seg = Segmenter(ck, EngineConfig(**cfg_dict))
+    with open_slide(slide, mpp=mpp) as src:
+        store, rep = segment_to_store(seg, src, out, tissues, region, on_progress=on_progress)
+    return {"slide": slide, "out": out, "tiles_run": rep.tiles_run, "tiles_skipped": rep.tiles_skipped,
+            "tiles_failed": len(rep.tiles_failed), "blocks_resumed": rep.blocks_resumed, "seconds": round(rep.seconds, 1)}
+
+
+@command("segment")
+@_args(_segment_args)
+def cmd_segment(a: argparse.Namespace) -> int:
+    """Segment slides into OME-Zarr label stores (one multiscale label image per tissue + a complete map).
+
+    Each tissue is read at its own magnification; tissues at the same magnification
+    share one backbone pass per tile.  Rerunning an interrupted command resumes it.
+    """
+    from dataclasses import asdict
+
+    cfg = engine_config(a)
+    outs = _outputs(a.slides, a.out)
+    if a.scheduler:
+        from distributed import Client
+
+        with Client(a.scheduler) as client:
+            futs = [client.submit(segment_one, s, str(o), a.checkpoint, a.tissues, a.region, asdict(cfg), a.mpp,
+                                  pure=False, key=f"omniseg-{Path(s).name}")
+                    for s, o in zip(a.slides, outs)]
+            for f in futs:
+                r = f.result()
+                print(json.dumps(r))
+        return 0
+
+    from ..model import load_checkpoint, resolve_checkpoint
+    from ..slides import open_slide
+    from .engine import Segmenter
+    from .run import estimate, segment_to_store
+
+    ck = load_checkpoint(resolve_checkpoint(a.checkpoint))
+    seg = Segmenter(ck, cfg)
+    for slide, out in zip(a.slides, outs):
+        with open_slide(slide, mpp=a.mpp) as src:
+            region = tuple(a.region) if a.region else None
+            est = estimate(seg, src, a.tissues, region)
+            mins = est["seconds"] / 60
+            print(f"{slide}: {src.shapes[0][1]} x {src.shapes[0][0]} px at {src.mpp:.3f} um/px; "
+                  f"{est['tiles']} tiles to run ({est['tiles_background']} background skipped), "
+                  f"estimated {mins:.1f} min on {seg.device}", file=sys.stderr)
+            if mins > 10 and not a.yes and sys.stdin.isatty():
+                if input("continue? [y/N] ").strip().lower() not in ("y", "yes"):
+                    return 1
+            bar = _Bar(max(est["tiles"] + est["tiles_background"], 1), "segment", a.quiet)
+            state = {"n": 0}
+
+            def prog(ev):
+                bar.update(ev["done"] - state["n"], mag=f"{ev['magnification']}x")
+                state["n"] = ev["done"]
+
+            store, rep = segment_to_store(seg, src, out, a.tissues, region, on_progress=prog)
+            bar.close()
+            print(f"wrote {out}: {rep.tiles_run} tiles run, {rep.tiles_skipped} background, "
+                  f"{len(rep.tiles_failed)} unreadable (marked unknown), {rep.blocks_resumed} blocks resumed, "
+                  f"{rep.seconds:.1f} s", file=sys.stderr)
+            for m, ti, tj, err in rep.tiles_failed:
+                print(f"  unreadable tile at {m}x ({ti}, {tj}): {err}", file=sys.stderr)
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser):
+    p.add_argument("store", metavar="SLIDE_OUTPUT", help="a .ome.zarr written by `omniseg segment`")
+    p.add_argument("--geojson", help="write QuPath GeoJSON here (polygons in level-0 pixels)")
+    p.add_argument("--measurements", help="write per-tissue measurements CSV here")
+    p.add_argument("--tissues", nargs="+")
+
+
+@command("export")
+@_args(_export_args)
+def cmd_export(a: argparse.Namespace) -> int:
+    """Export a segmentation as QuPath GeoJSON and/or a measurements CSV."""
+    from ..labels.export import write_geojson, write_measurements_csv
+    from ..labels.store import LabelStore
+
+    if not (a.geojson or a.measurements):
+        print("error: give --geojson and/or --measurements", file=sys.stderr)
+        return 2
+    if not Path(a.store).exists():
+        print(f"error: {a.store} does not exist", file=sys.stderr)
+        return 2
+    store = LabelStore(a.store)
+    if not store.complete:
+        print(f"error: {a.store} is incomplete; rerun `omniseg segment` to finish it", file=sys.stderr)
+        return 2
+    if a.geojson:
+        write_geojson(store, a.geojson, tissues=a.tissues)
+        print(f"wrote {a.geojson}", file=sys.stderr)
+    if a.measurements:
+        write_measurements_csv(store, a.measurements, tissues=a.tissues)
+        print(f"wrote {a.measurements}", file=sys.stderr)
+    return 0

@@ -1,0 +1,81 @@
+"""Whole-slide (or region) segmentation into an OME-Zarr label store.
+
+``segment_to_store`` is what ``omniseg segment`` and the dask path call: it opens or
+resumes the store, runs the engine over the slide, then builds the pyramid levels
+and the complete label map.  ``estimate`` counts the tiles a run needs (after
+skipping background) and times one real batch, so the user sees the expected run
+time before committing to it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .. import __version__
+from ..labels.store import LabelStore
+from .engine import EngineConfig, RunReport, Segmenter, read_tile
+
+
+def estimate(segmenter: Segmenter, source, tissues=None, region=None, sample_batches: int = 1) -> dict:
+    """Tiles to run per magnification and an estimated time from one timed batch each."""
+    plans = segmenter.plans(source, tissues, region)
+    mask = segmenter.tissue_mask(source) if segmenter.cfg.skip_background else None
+    out = {"tiles": 0, "tiles_background": 0, "seconds": 0.0, "per_magnification": {}}
+    for p in plans:
+        run = [t for t in p.tiles if mask is None or segmenter._has_tissue(mask, p, t, source.mpp)]
+        n_bg = len(p.tiles) - len(run)
+        spt = 0.0
+        if run:
+            bs = min(segmenter.cfg.batch_size, len(run))
+            batch = np.stack([read_tile(source, p, *run[i * len(run) // bs]) for i in range(bs)])
+            segmenter.predict_tiles(batch[:1], [t.id for t in p.tissues])  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(sample_batches):
+                segmenter.predict_tiles(batch, [t.id for t in p.tissues])
+            spt = (time.perf_counter() - t0) / (sample_batches * bs)
+        out["per_magnification"][p.magnification] = {"tiles": len(run), "background": n_bg, "seconds_per_tile": spt,
+                                                     "tile_px": p.tile_size}
+        out["tiles"] += len(run)
+        out["tiles_background"] += n_bg
+        out["seconds"] += spt * len(run)
+    return out
+
+
+def segment_to_store(
+    segmenter: Segmenter,
+    source,
+    out: "str | Path",
+    tissues=None,
+    region: Sequence[int] | None = None,
+    on_progress=None,
+    should_stop=None,
+) -> tuple[LabelStore, RunReport]:
+    """Segment into ``out`` (created, or resumed if it holds the same job)."""
+    ts = segmenter.tissues(tissues)
+    attrs = {
+        "source": str(getattr(source, "path", "")),
+        "model_version": segmenter.ckpt.version,
+        "model_sha256": segmenter.ckpt.sha256,
+        "napari_omniseg_version": __version__,
+        "region": list(region) if region else None,
+        "tissue_colors": {t.name: t.color for t in ts},
+        "engine": asdict(segmenter.cfg),
+    }
+    store = LabelStore.create(out, ts, tuple(source.shapes[0]), float(source.mpp), segmenter.cfg.core, attrs)
+    rep = segmenter.run(source, store, [t.name for t in ts], tuple(region) if region else None, on_progress, should_stop)
+    info = {"tiles_run": rep.tiles_run, "tiles_skipped": rep.tiles_skipped, "tiles_failed": len(rep.tiles_failed),
+            "failed": [list(f) for f in rep.tiles_failed], "seconds": round(rep.seconds, 2)}
+    if segmenter.cfg.skip_background:
+        m, m_mpp = segmenter.tissue_mask(source)
+        info["tissue_area_mm2"] = float(m.sum()) * (m_mpp / 1000.0) ** 2
+    store.finalize(ts, run_info=info)
+    om = store.meta
+    if "tissue_area_mm2" in info:
+        om["tissue_area_mm2"] = info["tissue_area_mm2"]
+        store.root.attrs["omniseg"] = om
+    return store, rep
