@@ -280,5 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run through the package module so sub-commands register in one place
+    from napari_omniseg.cli import main as _main
+
+    sys.exit(_main())

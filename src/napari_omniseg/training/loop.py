@@ -1,0 +1,373 @@
+"""Training from partial labels, validation and evaluation.
+
+Batches are tissue-homogeneous: each epoch every tissue's samples are shuffled into
+batches of ``batch_size`` (the last one may be smaller; GroupNorm does not care),
+and the batches of all tissues are interleaved at random.  Only the labelled
+tissue's output is supervised.
+
+Safety: ``should_stop`` is checked before every step; a cancelled or failed run
+never writes the output checkpoint (and checkpoints are never overwritten).  A step
+whose loss or gradients are not finite is skipped and counted; more than
+``max_nonfinite`` such steps abort the run.  The best model by mean validation Dice
+(mean over tissues of the per-tissue mean) is kept, or the last epoch when there is
+no validation data; a model with non-finite weights
+is never saved.  With ``state_dir`` the run writes a resumable state after every
+epoch; randomness is derived from (seed, epoch), so a resumed run continues exactly
+as the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..model.checkpoint import Checkpoint, all_finite, atomic_write_bytes, new_checkpoint, save_checkpoint
+from ..model.network import foreground
+from ..tissues import TISSUES, Tissue
+from .augment import AugmentConfig, augment, random_crop
+from .data import Sample, load_arrays
+from .losses import dice_bce_loss, ring_weight
+from .metrics import segmentation_scores, summarize
+
+ProgressFn = Callable[[dict], None]
+StopFn = Callable[[], bool]
+
+
+class TrainingCancelled(RuntimeError):
+    pass
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 4
+    optimizer: str = "adamw"  # "sgd" (Nesterov, momentum 0.99, as the paper) or "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    warmup_epochs: int = 0
+    crop: int = 256
+    seed: int = 1234
+    freeze_encoder: bool = False
+    augment: bool = True
+    max_nonfinite: int = 5
+    val_every: int = 1
+    threads: int = 0  # 0 = torch default
+    device: str = "cpu"
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["aug"] = asdict(self.aug)
+        return d
+
+
+def _device(name: str) -> torch.device:
+    if name in ("auto", "", None):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def make_batches(samples: Sequence[Sample], batch_size: int, rng: np.random.Generator) -> list[list[int]]:
+    """Tissue-homogeneous batches of sample indices, interleaved at random."""
+    pools: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        pools.setdefault(s.tissue.id, []).append(i)
+    batches = []
+    for tid in sorted(pools):
+        idx = np.array(pools[tid])
+        rng.shuffle(idx)
+        batches += [idx[j : j + batch_size].tolist() for j in range(0, len(idx), batch_size)]
+    order = rng.permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+def _batch_tensors(samples, idx, cfg: TrainConfig, rng, train: bool):
+    imgs, msks, wts = [], [], []
+    for i in idx:
+        s = samples[i]
+        img = s.image.astype(np.float32) / 255.0
+        msk = s.mask
+        if train:
+            img, msk = random_crop(img, msk, cfg.crop, rng)
+            if cfg.augment:
+                img, msk = augment(img, msk, rng, cfg.aug)
+        imgs.append(img)
+        msks.append(msk)
+        wts.append(ring_weight(msk))
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+    y = torch.from_numpy(np.stack(msks).astype(np.float32))
+    w = torch.from_numpy(np.stack(wts))
+    return x, y, w
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    if cfg.warmup_epochs and epoch < cfg.warmup_epochs:
+        return cfg.lr * (epoch + 1) / cfg.warmup_epochs
+    return cfg.lr * (1 - epoch / max(cfg.epochs, 1)) ** cfg.poly_power
+
+
+def _make_optimizer(model, cfg: TrainConfig):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r} (use 'sgd' or 'adamw')")
+
+
+def _set_frozen(model, freeze: bool):
+    """Freeze the encoder (stem, encoder stages, fusion); decoder, controller stay trainable."""
+    bb = model.backbone
+    for mod in (bb.stem, bb.encoder, bb.fusion, bb.gap_norm):
+        for p in mod.parameters():
+            p.requires_grad_(not freeze)
+
+
+@torch.inference_mode()
+def predict_samples(ckpt: Checkpoint, samples: Sequence[Sample], batch_size: int = 8, device="cpu") -> list[np.ndarray]:
+    """Foreground masks for each sample with its own tissue's head (full patches)."""
+    dev = _device(device)
+    model = ckpt.model.to(dev).eval()
+    out: list[np.ndarray | None] = [None] * len(samples)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_shape.setdefault(s.image.shape, []).append(i)
+    for idxs in by_shape.values():
+        for j in range(0, len(idxs), batch_size):
+            chunk = idxs[j : j + batch_size]
+            x = torch.from_numpy(np.stack([samples[i].image for i in chunk])).permute(0, 3, 1, 2).to(dev)
+            x, crop = _pad_to(ckpt.normalize(x), ckpt.model.cfg.divisor)
+            tissues = [samples[i].tissue.id for i in chunk]
+            logits = model(x, tissues)
+            fg = foreground(logits)[..., : crop[0], : crop[1]].cpu().numpy()
+            for k, i in enumerate(chunk):
+                out[i] = fg[k]
+    return out  # type: ignore[return-value]
+
+
+def _pad_to(x: torch.Tensor, d: int):
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % d, (-w) % d
+    if ph or pw:
+        x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode="reflect")
+    return x, (h, w)
+
+
+def evaluate_samples(ckpt: Checkpoint, samples: Sequence[Sample], device="cpu", batch_size: int = 8) -> tuple[list[dict], dict]:
+    """Per-sample rows (tissue, stain, dice, hd_um, hd95_um, msd_um) and their summary.
+
+    Distances are in microns at each tissue's own pixel size (its magnification).
+    """
+    samples = [s if s.image is not None else load_arrays([s])[0] for s in samples]
+    preds = predict_samples(ckpt, samples, batch_size=batch_size, device=device)
+    rows = []
+    for s, p in zip(samples, preds):
+        sc = segmentation_scores(p, s.mask, s.tissue.mpp)
+        rows.append({"tissue": s.tissue.name, "stain": s.stain, "image": str(s.image_path), **sc})
+    return rows, summarize(rows)
+
+
+def _save_state(state_dir: Path, model, optim, meta: dict, best_state: dict | None):
+    from safetensors.torch import save_file
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    osd = optim.state_dict()
+    for pid, st in osd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous().reshape(v.shape)
+    if best_state is not None:
+        tensors.update({f"best.{k}": v.contiguous() for k, v in best_state.items()})
+    tmp = state_dir / ".state.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(state_dir / "state.safetensors")
+    meta = dict(meta, param_groups=[{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]])
+    atomic_write_bytes(state_dir / "state.json", json.dumps(meta, indent=2).encode())
+
+
+def _load_state(state_dir: Path, model, optim):
+    from safetensors.torch import load_file
+
+    meta = json.loads((state_dir / "state.json").read_text())
+    t = load_file(str(state_dir / "state.safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+    osd = optim.state_dict()
+    st: dict = {}
+    for k, v in t.items():
+        if k.startswith("optim."):
+            _, pid, name = k.split(".", 2)
+            st.setdefault(int(pid), {})[name] = v
+    osd["state"] = st
+    for g, saved in zip(osd["param_groups"], meta.get("param_groups", [])):
+        g.update({k: v for k, v in saved.items() if k != "params"})
+    optim.load_state_dict(osd)
+    best = {k[5:]: v for k, v in t.items() if k.startswith("best.")} or None
+    return meta, best
+
+
+def train(
+    train_samples: Sequence[Sample],
+    val_samples: Sequence[Sample],
+    out_path: "str | Path | None",
+    cfg: TrainConfig | None = None,
+    *,
+    init: Checkpoint | None = None,
+    tissues: Sequence[Tissue] = TISSUES,
+    on_progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    state_dir: "str | Path | None" = None,
+    provenance: dict | None = None,
+    save_dtype: torch.dtype = torch.float32,
+) -> tuple[Checkpoint, dict]:
+    """Train (or fine-tune ``init``) and write the best model to ``out_path``.
+
+    Returns the best :class:`Checkpoint` (already saved when ``out_path`` is given)
+    and a history dict.  Raises :class:`TrainingCancelled` if ``should_stop``
+    returned True, :class:`TrainingError` after too many non-finite steps; neither
+    writes ``out_path``.
+    """
+    cfg = cfg or TrainConfig()
+    out_path = Path(out_path) if out_path else None
+    if out_path is not None and (out_path.exists() or out_path.with_suffix(".json").exists()):
+        raise FileExistsError(f"{out_path} exists; checkpoints are never overwritten, choose a new name")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dev = _device(cfg.device)
+    train_samples = [s for s in train_samples]
+    val_samples = [s for s in val_samples]
+    for group in (train_samples, val_samples):
+        missing = [s for s in group if s.image is None]
+        if missing:
+            load_arrays(missing)
+    if not train_samples:
+        raise TrainingError("no training samples")
+
+    ckpt = init if init is not None else new_checkpoint(tissues, seed=cfg.seed)
+    model = ckpt.model.to(dev)
+    _set_frozen(model, cfg.freeze_encoder)
+    optim = _make_optimizer(model, cfg)
+    history: dict = {"epochs": [], "nonfinite_steps": 0, "config": cfg.to_dict()}
+    best_score, best_state, best_epoch, start_epoch = -math.inf, None, -1, 0
+    state_dir = Path(state_dir) if state_dir else None
+    if state_dir is not None and (state_dir / "state.json").exists():
+        meta, best_state = _load_state(state_dir, model, optim)
+        start_epoch = meta["epoch"] + 1
+        best_score, best_epoch = meta["best_score"], meta["best_epoch"]
+        history = meta["history"]
+    t0 = time.perf_counter()
+    nonfinite = history.get("nonfinite_steps", 0)
+
+    def stop() -> bool:
+        return bool(should_stop and should_stop())
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        rng = np.random.default_rng([cfg.seed, epoch])
+        torch.manual_seed(cfg.seed * 100003 + epoch)
+        for g in optim.param_groups:
+            g["lr"] = lr_at(cfg, epoch)
+        batches = make_batches(train_samples, cfg.batch_size, rng)
+        losses = []
+        for step, idx in enumerate(batches):
+            if stop():
+                raise TrainingCancelled(f"cancelled in epoch {epoch + 1}, step {step + 1}; no checkpoint written")
+            x, y, w = _batch_tensors(train_samples, idx, cfg, rng, train=True)
+            x = ckpt.normalize(x).to(dev)
+            y, w = y.to(dev), w.to(dev)
+            tid = train_samples[idx[0]].tissue.id
+            logits = model(x, [tid] * len(idx))
+            loss = dice_bce_loss(logits, y, w)
+            optim.zero_grad(set_to_none=True)
+            ok = bool(torch.isfinite(loss))
+            if ok:
+                loss.backward()
+                ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+            if not ok:
+                nonfinite += 1
+                optim.zero_grad(set_to_none=True)
+                if nonfinite > cfg.max_nonfinite:
+                    raise TrainingError(
+                        f"aborted: {nonfinite} steps had a non-finite loss or gradient (limit {cfg.max_nonfinite}); "
+                        "lower the learning rate or check the data; no checkpoint written"
+                    )
+                continue
+            optim.step()
+            losses.append(float(loss))
+            if on_progress:
+                on_progress({"phase": "train", "epoch": epoch + 1, "epochs": cfg.epochs, "step": step + 1,
+                             "steps": len(batches), "loss": losses[-1]})
+        rec = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch), "loss": float(np.mean(losses)) if losses else float("nan"),
+               "time_s": time.perf_counter() - t0}
+        last = epoch == cfg.epochs - 1
+        if val_samples and ((epoch + 1) % cfg.val_every == 0 or last):
+            if stop():
+                raise TrainingCancelled(f"cancelled after epoch {epoch + 1}; no checkpoint written")
+            _, summ = evaluate_samples(ckpt, val_samples, device=dev)
+            model.train()
+            rec["val_mean_dice"] = summ["mean_dice"]
+            rec["val_dice"] = {t: v["dice"] for t, v in summ["per_tissue"].items()}
+            score = summ["mean_dice"]
+        else:
+            # without validation data the last epoch is kept
+            score = float(epoch) if not val_samples else None
+        if score is not None and math.isfinite(score) and score > best_score and all_finite(model):
+            best_score, best_epoch = score, epoch + 1
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        rec["best_epoch"] = best_epoch
+        history["epochs"].append(rec)
+        history["nonfinite_steps"] = nonfinite
+        if on_progress:
+            on_progress({"phase": "epoch", **rec, "epochs": cfg.epochs})
+        if state_dir is not None:
+            _save_state(state_dir, model, optim, {"epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
+                                                  "history": history}, best_state)
+    if best_state is None:
+        raise TrainingError("no finite model was produced; no checkpoint written")
+    model.load_state_dict(best_state)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    history["best_epoch"] = best_epoch
+    history["best_val_mean_dice"] = best_score if val_samples else None
+    history["wall_time_s"] = time.perf_counter() - t0
+    prov = {
+        "epochs": cfg.epochs,
+        "best_epoch": best_epoch,
+        "seed": cfg.seed,
+        "train_config": cfg.to_dict(),
+        "n_train": len(train_samples),
+        "n_val": len(val_samples),
+        "parent": ckpt.version if init is not None else None,
+        "wall_time_s": round(history["wall_time_s"], 1),
+        "nonfinite_steps": nonfinite,
+        **(provenance or {}),
+    }
+    metrics = {"val_mean_dice": best_score} if val_samples else {}
+    if val_samples:
+        metrics["val_dice"] = next((r["val_dice"] for r in history["epochs"] if r["epoch"] == best_epoch), {})
+    result = Checkpoint(model=model.cpu(), tissues=tuple(ckpt.tissues), normalization=ckpt.normalization,
+                        provenance=prov, metrics=metrics)
+    if out_path is not None:
+        save_checkpoint(model, out_path, ckpt.tissues, normalization=ckpt.normalization, provenance=prov,
+                        metrics=metrics, dtype=save_dtype)
+        from ..model.checkpoint import load_checkpoint
+
+        result = load_checkpoint(out_path)
+    return result, history
