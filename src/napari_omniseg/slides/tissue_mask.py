@@ -1,0 +1,146 @@
+"""A low-resolution tissue mask, so background tiles are never sent to the model.
+
+``tissue_mask(source)`` reads the slide at about 16 um/px (a few hundred to a few
+thousand pixels across for a whole slide; it picks the nearest pyramid level and
+reads it in pieces, so memory stays small even for a single-level slide) and calls
+a pixel *tissue* when
+
+- its HSV saturation is above an Otsu threshold computed over the non-black
+  pixels, clipped to ``[min_saturation, max_saturation_threshold]`` (0.05-0.1:
+  the floor keeps faint glass tints out; the cap keeps Otsu from splitting pale
+  from dark stain instead of tissue from glass, which missed pale PAS tissue on
+  the renal demo patches), **or**
+- it is dark: grey level below an Otsu threshold over the non-black pixels,
+  clipped to ``[min_dark_threshold, max_dark_threshold]`` (0.45-0.8), which
+  catches weakly saturated stains such as silver;
+
+pure black (padding, scanner borders) and white or near-white glass are never
+tissue.  Connected pieces smaller than ``min_object_um2`` are removed and holes
+smaller than ``max_hole_um2`` (lumens, vessels) are filled.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _otsu(values: np.ndarray) -> float:
+    from skimage.filters import threshold_otsu
+
+    if values.size < 2 or float(values.max()) - float(values.min()) < 1e-6:
+        return 0.0
+    return float(threshold_otsu(values))
+
+
+def _remove_small(mask: np.ndarray, min_px: float) -> np.ndarray:
+    from scipy import ndimage
+
+    if min_px <= 1 or not mask.any():
+        return mask
+    lab, n = ndimage.label(mask)
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)
+    keep = sizes >= min_px
+    keep[0] = False
+    return keep[lab]
+
+
+def _fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
+    from scipy import ndimage
+
+    if max_px < 1:
+        return mask
+    lab, n = ndimage.label(~mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)
+    border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+    fill = sizes <= max_px
+    fill[0] = False
+    fill[border] = False
+    return mask | fill[lab]
+
+
+def tissue_mask_from_rgb(
+    rgb: np.ndarray,
+    mpp: float,
+    min_saturation: float = 0.05,
+    max_saturation_threshold: float = 0.1,
+    min_dark_threshold: float = 0.45,
+    max_dark_threshold: float = 0.8,
+    min_object_um2: float = 5000.0,
+    max_hole_um2: float = 20000.0,
+) -> np.ndarray:
+    """Boolean tissue mask of an ``(H, W, 3) uint8`` thumbnail with ``mpp`` um per pixel."""
+    a = np.asarray(rgb, dtype=np.float32)[..., :3] / 255.0
+    mx, mn = a.max(axis=-1), a.min(axis=-1)
+    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
+    gray = a @ np.array([0.2125, 0.7154, 0.0721], np.float32)
+    black = mx < 0.1
+    white = mn > 0.94
+    valid = ~black & ~white
+    some = (~black).any()
+    s_thr = min(max(_otsu(sat[~black]) if some else 0.0, min_saturation), max_saturation_threshold)
+    d_thr = min(max(_otsu(gray[~black]) if some else 0.0, min_dark_threshold), max_dark_threshold)
+    mask = valid & ((sat > s_thr) | (gray < d_thr))
+    px_area = float(mpp) ** 2
+    mask = _remove_small(mask, min_object_um2 / px_area)
+    mask = _fill_small_holes(mask, max_hole_um2 / px_area)
+    return mask
+
+
+def tissue_mask(source, target_mpp: float = 16.0, **kwargs) -> tuple[np.ndarray, float]:
+    """``(mask, mask_mpp)``: where the slide holds tissue, on a coarse grid.
+
+    ``mask[i, j]`` covers level-0 pixels ``[i, i + 1) * mask_mpp / source.mpp`` (and the
+    same for columns).  ``mask_mpp`` is ``target_mpp``, made finer for images so small
+    that the mask would have fewer than 32 pixels across, and never finer than the
+    slide itself.  Keyword arguments go to :func:`tissue_mask_from_rgb`.
+    """
+    mpp = float(source.mpp)
+    H0, W0 = source.shapes[0]
+    mask_mpp = min(float(target_mpp), max(mpp, mpp * min(H0, W0) / 32.0))
+    f0 = mask_mpp / mpp
+    hf, wf = max(int(H0 // f0), 1), max(int(W0 // f0), 1)
+    hc, wc = max(math.ceil(H0 / f0 - 1e-9), 1), max(math.ceil(W0 / f0 - 1e-9), 1)
+    thumb = np.zeros((hf, wf, 3), np.uint8)
+    # read in pieces of about 2048 x 2048 pixels of the level read_at_mpp will use
+    lv = source.level_for_mpp(mask_mpp) if hasattr(source, "level_for_mpp") else 0
+    f_level = f0 / float(source.downsamples[lv])
+    step = max(16, int(2048 / max(f_level, 1.0)))
+    for ty in range(0, hf, step):
+        for tx in range(0, wf, step):
+            th, tw = min(step, hf - ty), min(step, wf - tx)
+            thumb[ty : ty + th, tx : tx + tw] = source.read_at_mpp(
+                mask_mpp, int(round(ty * f0)), int(round(tx * f0)), th, tw
+            )
+    if (hc, wc) != (hf, wf):  # the last partial row / column repeats its neighbour
+        thumb = np.pad(thumb, ((0, hc - hf), (0, wc - wf), (0, 0)), mode="edge")
+    return tissue_mask_from_rgb(thumb, mask_mpp, **kwargs), mask_mpp
+
+
+def tile_has_tissue(
+    mask: np.ndarray,
+    mask_mpp: float,
+    y0: float,
+    x0: float,
+    h: float,
+    w: float,
+    level0_mpp: float,
+    min_fraction: float = 0.01,
+) -> bool:
+    """Whether the level-0 box ``(y0, x0, h, w)`` holds at least ``min_fraction`` tissue.
+
+    The fraction is taken over the mask pixels the box touches inside the slide (a
+    mask pixel partly covered counts, so the test errs towards running a tile).  A
+    box entirely outside the mask has no tissue.
+    """
+    s = float(level0_mpp) / float(mask_mpp)
+    mh, mw = mask.shape
+    my0, my1 = max(int(math.floor(y0 * s)), 0), min(int(math.ceil((y0 + h) * s)), mh)
+    mx0, mx1 = max(int(math.floor(x0 * s)), 0), min(int(math.ceil((x0 + w) * s)), mw)
+    if my0 >= my1 or mx0 >= mx1:
+        return False
+    frac = float(np.mean(mask[my0:my1, mx0:mx1]))
+    return frac > 0 and frac >= min_fraction
