@@ -322,7 +322,14 @@ class Segmenter:
 
     def _flush(self, batch, keys, ids, finish_tile, rep):
         t0 = time.perf_counter()
-        probs = self._predict_safely(np.stack(batch), ids)
+        n = len(batch)
+        x = np.stack(batch)
+        if n < self.cfg.batch_size:
+            # always run full batches: with a fixed batch shape a tile's result does not
+            # depend on which other tiles share its batch, so region and whole-slide
+            # runs give bit-identical pixels
+            x = np.concatenate([x, np.zeros((self.cfg.batch_size - n, *x.shape[1:]), x.dtype)])
+        probs = self._predict_safely(x, ids)[:n]
         rep.model_seconds += time.perf_counter() - t0
         rep.tiles_run += len(batch)
         for t, p in zip(keys, probs):

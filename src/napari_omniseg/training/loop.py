@@ -309,7 +309,7 @@ def train(
                     )
                 continue
             optim.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if on_progress:
                 on_progress({"phase": "train", "epoch": epoch + 1, "epochs": cfg.epochs, "step": step + 1,
                              "steps": len(batches), "loss": losses[-1]})

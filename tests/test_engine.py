@@ -1,0 +1,183 @@
+"""The inference engine on real kidney pixels: region == whole slide, one backbone
+pass per tile per magnification, background skipped, corrupt tiles marked unknown,
+a killed run resumes to the same result, and the OME-Zarr output is valid."""
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from napari_omniseg.inference.engine import (
+    UNKNOWN,
+    CorruptTileWarning,
+    EngineConfig,
+    SegmentationCancelled,
+    Segmenter,
+    segment_region,
+)
+from napari_omniseg.inference.plan import make_plans, ramp_window
+from napari_omniseg.inference.run import segment_to_store
+from napari_omniseg.labels.store import MAP_NAME, LabelStore
+from napari_omniseg.model import new_checkpoint
+from napari_omniseg.slides import ImageSlide
+from napari_omniseg.training.data import load_arrays, load_dataset, select
+
+CFG = dict(core=64, margin=16, batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def slide_image(demo_dir):
+    """A 20x-like mosaic (0.5 um/px) of real 10x demo patches with a white margin."""
+    s = load_arrays([x for x in select(load_dataset(demo_dir), "test") if x.tissue.magnification == 10][:4])
+    img = np.full((300, 420, 3), 245, np.uint8)
+    for k, x in enumerate(s):
+        y0, x0 = 20 + (k // 2) * 130, 20 + (k % 2) * 200
+        img[y0 : y0 + 128, x0 : x0 + 180] = x.image[:128, :180]
+    return img
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    ck = new_checkpoint(seed=0)
+    with torch.no_grad():  # decisive heads: probabilities far from 0.5
+        ck.model.controller_weight.normal_(0, 0.5)
+    return ck
+
+
+def test_ramp_windows_sum_to_one_in_overlaps():
+    w = ramp_window(16, 4)
+    row = w[12]  # a row outside the ramps: the 1-D profile
+    assert row.max() == 1.0 and row[0] == pytest.approx(1 / 16)
+    s = 16 + 2 * 4
+    total = np.zeros(3 * 16 + 2 * 4)
+    for i in range(3):
+        total[i * 16 : i * 16 + s] += row
+    assert np.allclose(total[8:-8], 1.0)
+
+
+def test_plans_group_by_magnification_and_check_region():
+    from napari_omniseg.tissues import TISSUES
+
+    plans = make_plans(TISSUES, (1000, 2000), 0.25, core=128, margin=16)
+    assert [p.magnification for p in plans] == [5, 10, 40]
+    assert [len(p.tissues) for p in plans] == [2, 3, 1]
+    assert plans[1].shape == (250, 500) and plans[1].factor == 4.0
+    with pytest.raises(ValueError, match="outside the slide"):
+        make_plans(TISSUES, (1000, 2000), 0.25, region=(1900, 0, 200, 10))
+
+
+def test_region_equals_whole_slide_and_backbone_runs_once_per_tile(slide_image, ckpt):
+    src = ImageSlide(slide_image, mpp=0.5)
+    seg = Segmenter(ckpt, EngineConfig(**CFG, skip_background=False))
+    calls = {"features": 0}
+    orig = seg.model.features
+
+    def counting(x):
+        calls["features"] += x.shape[0]
+        return orig(x)
+
+    seg.model.features = counting
+    tissues = ["distal_tubule", "proximal_tubule", "artery", "glomerular_unit"]
+    whole, rep = segment_region(seg, src, None, tissues)
+    # one backbone pass per tile per magnification (10x and 5x), never per tissue
+    plans = seg.plans(src, tissues)
+    n_tiles = sum(len(p.tiles) for p in plans)
+    padded = sum(-(-len(p.tiles) // CFG["batch_size"]) * CFG["batch_size"] for p in plans)
+    assert rep.tiles_run == n_tiles and calls["features"] == padded
+    assert whole["distal_tubule"].data.shape == (150, 210)  # 0.5 -> 1.0 um/px
+    assert whole["glomerular_unit"].data.shape == (75, 105)
+    for name in tissues:
+        v = np.unique(whole[name].data)
+        assert set(v) <= {0, 1} and len(v) == 2, (name, v)
+    region = (90, 50, 200, 180)  # level-0 x, y, w, h
+    part, _ = segment_region(seg, src, region, tissues)
+    for name in tissues:
+        r = part[name]
+        y0, x0 = r.origin
+        h, w = r.data.shape
+        np.testing.assert_array_equal(r.data, whole[name].data[y0 : y0 + h, x0 : x0 + w], err_msg=name)
+    assert part["distal_tubule"].origin == (25, 45)
+    scale, translate = part["distal_tubule"].napari_transform()
+    assert scale == (2.0, 2.0) and translate == (50.5, 90.5)
+
+
+def test_background_tiles_are_skipped(slide_image, ckpt):
+    img = np.full((400, 400, 3), 255, np.uint8)
+    img[:160, :160] = slide_image[20:180, 20:180]
+    src = ImageSlide(img, mpp=1.0)
+    seg = Segmenter(ckpt, EngineConfig(**CFG))
+    res, rep = segment_region(seg, src, None, ["distal_tubule"])
+    assert rep.tiles_skipped > 0 and rep.tiles_run < rep.tiles_total
+    assert not res["distal_tubule"].data[300:, 300:].any()
+
+
+class _Corrupt(ImageSlide):
+    """Raises for reads that touch one level-0 area, like a broken JPEG tile."""
+
+    bad = (100, 100)
+
+    def read_at_mpp(self, target_mpp, y0, x0, h, w):
+        f = target_mpp / self.mpp
+        if y0 <= self.bad[0] < y0 + h * f and x0 <= self.bad[1] < x0 + w * f:
+            raise OSError("JPEG decode error: corrupt tile data")
+        return super().read_at_mpp(target_mpp, y0, x0, h, w)
+
+
+def test_corrupt_tile_is_reported_and_marked_unknown(slide_image, ckpt):
+    seg = Segmenter(ckpt, EngineConfig(**CFG, skip_background=False))
+    clean, _ = segment_region(seg, ImageSlide(slide_image, mpp=1.0), None, ["distal_tubule"])
+    with pytest.warns(CorruptTileWarning, match="could not be read"):
+        bad, rep = segment_region(seg, _Corrupt(slide_image, mpp=1.0), None, ["distal_tubule"])
+    assert len(rep.tiles_failed) >= 1
+    a, b = clean["distal_tubule"].data, bad["distal_tubule"].data
+    assert b[100, 100] == UNKNOWN
+    unknown = b == UNKNOWN
+    # blocks away from the broken tile are bit-identical to the clean run
+    np.testing.assert_array_equal(a[:, 256:], b[:, 256:])
+    assert unknown.sum() == 64 * 64
+
+
+def test_store_is_valid_ome_zarr_and_a_killed_run_resumes(slide_image, ckpt, tmp_path):
+    src = ImageSlide(slide_image, mpp=0.5)
+    seg = Segmenter(ckpt, EngineConfig(**CFG, skip_background=False))
+    tissues = ["glomerular_unit", "glomerular_tuft", "distal_tubule"]
+    ref, _ = segment_to_store(seg, src, tmp_path / "ref.ome.zarr", tissues)
+    n = {"k": 0}
+
+    def stop():
+        n["k"] += 1
+        return n["k"] > 3
+
+    with pytest.raises(SegmentationCancelled):
+        segment_to_store(seg, src, tmp_path / "cut.ome.zarr", tissues, should_stop=stop)
+    cut = LabelStore(tmp_path / "cut.ome.zarr")
+    assert not cut.complete  # valid, readable, marked incomplete
+    assert "INCOMPLETE" in cut.describe()
+    done, rep = segment_to_store(seg, src, tmp_path / "cut.ome.zarr", tissues)
+    assert rep.blocks_resumed > 0 and done.complete
+    for name in tissues + [MAP_NAME]:
+        np.testing.assert_array_equal(ref.read(name), done.read(name), err_msg=name)
+    # NGFF structure, readable with plain zarr
+    root = zarr.open_group(str(tmp_path / "ref.ome.zarr"), mode="r")
+    assert root.attrs["ome"]["version"] == "0.5"
+    assert root["labels"].attrs["ome"]["labels"] == tissues_sorted(tissues) + [MAP_NAME]
+    ms = root["labels/distal_tubule"].attrs["ome"]["multiscales"][0]
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 1.0]
+    assert root["labels/distal_tubule/0"].shape == (150, 210)
+    assert root["labels/distal_tubule/1"].shape == (75, 105)
+    colors = root["labels/glomerular_tuft"].attrs["ome"]["image-label"]["colors"]
+    assert colors[0]["rgba"][:3] == [0xD6, 0x27, 0x28]
+    # complete map: tuft drawn inside the glomerular unit
+    tmap = ref.read(MAP_NAME)
+    assert tmap.shape == (150, 210)  # the finest magnification among the tissues (10x)
+    tuft = ref.read("glomerular_tuft")
+    up = np.kron(tuft, np.ones((2, 2), np.uint8))[:150, :210]
+    assert np.all(tmap[up == 1] == 4)
+    with pytest.raises(FileExistsError, match="different segmentation"):
+        segment_to_store(seg, src, tmp_path / "ref.ome.zarr", ["artery"])
+
+
+def tissues_sorted(names):
+    from napari_omniseg.tissues import resolve_tissues
+
+    return [t.name for t in resolve_tissues(names)]
