@@ -22,6 +22,7 @@ import zarr
 
 from napari_omniseg.slides import (
     CoarseSlideWarning,
+    CorruptTileError,
     ImageSlide,
     MissingMppError,
     OmeZarrSlide,
@@ -182,6 +183,41 @@ def test_read_at_mpp_level_choice_and_resampling(tmp_path, mosaic):
         np.testing.assert_array_equal(out[:12, :40], lv1[500:512, 600:640])
         with pytest.raises(RegionOutsideError, match="outside"):
             s.read_at_mpp(1.0, 1024, 0, 10, 10)
+
+
+def test_read_at_mpp_subpixel_geometry(tmp_path):
+    """Output pixel c covers level-0 [x0 + c f, x0 + (c + 1) f): on a ramp its value is the centre."""
+    ramp = np.broadcast_to(np.arange(200, dtype=np.uint8)[None, :, None], (32, 200, 3)).copy()
+    src = ImageSlide(ramp, mpp=1.0)
+    for f, x0 in [(1.5, 10), (2.5, 7), (3.7, 1), (4.0, 4), (0.5, 3)]:
+        w = int((190 - x0) / f)
+        out = src.read_at_mpp(f, 0, x0, 8, w)[4, :, 0].astype(float)
+        centre = x0 + (np.arange(w) + 0.5) * f - 0.5
+        assert np.abs(out - centre)[:-3].max() <= 0.5, f
+    # from pyramid levels, starting off the level's pixel grid (x0 odd on a 2x level)
+    ramp2 = np.broadcast_to((2 * np.arange(128, dtype=np.uint8))[None, :, None], (64, 128, 3)).copy()
+    p = write_ome_tiff_pyramid(tmp_path / "ramp.ome.tif", ramp2, mpp=1.0, n_levels=3)
+    with open_slide(p) as s:
+        for f, x0, level in [(3.0, 5, 1), (2.0, 3, 1), (5.0, 1, 2), (4.0, 3, 2)]:
+            assert s.level_for_mpp(f) == level
+            w = int((120 - x0) / f)
+            out = s.read_at_mpp(f, 0, x0, 4, w)[2, :, 0].astype(float)
+            centre = 2 * (x0 + (np.arange(w) + 0.5) * f - 0.5)
+            assert np.abs(out - centre)[1:-2].max() <= 0.5, (f, x0)
+
+
+def test_corrupt_tiles_are_reported_and_the_rest_stays_readable(tmp_path, svs_path, svs_full):
+    svs = tmp_path / "corrupt.svs"
+    data = bytearray(svs_path.read_bytes())
+    with tifffile.TiffFile(svs_path) as t:  # tile 5 of the first row (columns 1200:1440)
+        off, n = t.pages[0].dataoffsets[5], t.pages[0].databytecounts[5]
+    data[off : off + 64] = bytes(64)  # the tile's JPEG header is gone
+    svs.write_bytes(bytes(data))
+    with open_slide(svs) as s:
+        with pytest.raises(CorruptTileError, match=r"corrupt\.svs: cannot read level 0") as ei:
+            s.read_region(0, 0, 5 * 240 + 10, 10, 10)
+        assert isinstance(ei.value, SlideError)
+        np.testing.assert_array_equal(s.read_region(0, 300, 0, 100, 100), svs_full[300:400, :100])
 
 
 def test_read_at_mpp_upsamples_coarse_slide_with_one_warning(svs_path, svs_full):

@@ -14,6 +14,7 @@ test pyramids.  Nothing here imports Qt, napari or torch.
 from ._open import open_slide
 from .base import (
     CoarseSlideWarning,
+    CorruptTileError,
     MissingMppError,
     RegionOutsideError,
     SlideError,
@@ -34,6 +35,7 @@ __all__ = [
     "MissingMppError",
     "RegionOutsideError",
     "CoarseSlideWarning",
+    "CorruptTileError",
     "TiffSlide",
     "OmeZarrSlide",
     "ImageSlide",

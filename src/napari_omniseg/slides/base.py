@@ -49,6 +49,14 @@ class RegionOutsideError(SlideError):
     """A requested region lies entirely outside the slide."""
 
 
+class CorruptTileError(SlideError):
+    """Pixels of a slide could not be decoded (a corrupt or truncated tile).
+
+    Raised for that read only: other regions of the slide stay readable, so a
+    whole-slide run can report the tile and go on.
+    """
+
+
 class CoarseSlideWarning(UserWarning):
     """The slide's finest level is coarser than a requested pixel size.
 
@@ -141,12 +149,18 @@ def block_mean(img: np.ndarray, k: int) -> np.ndarray:
 
 
 def _block_mean_float(img: np.ndarray, k: int) -> np.ndarray:
-    """Unrounded float32 block mean (partial edge blocks averaged over what they hold)."""
-    H, W = img.shape[:2]
-    ys, xs = np.arange(0, H, k), np.arange(0, W, k)
-    s = np.add.reduceat(np.add.reduceat(img.astype(np.float32), ys, axis=0), xs, axis=1)
-    n = ((np.minimum(ys + k, H) - ys)[:, None] * (np.minimum(xs + k, W) - xs)[None, :]).astype(np.float32)
-    return s / n[..., None]
+    """Unrounded float32 block mean of (H, W, C) uint8.
+
+    A partial block at the bottom or right is completed by repeating the edge pixels
+    (callers make crops a multiple of ``k``, so this only happens in margins).
+    """
+    H, W, C = img.shape
+    ph, pw = -H % k, -W % k
+    if ph or pw:
+        img = np.pad(img, ((0, ph), (0, pw), (0, 0)), mode="edge")
+        H, W = H + ph, W + pw
+    s = img.reshape(H // k, k, W // k, k, C).sum(axis=(1, 3), dtype=np.uint32)
+    return s.astype(np.float32) * np.float32(1.0 / (k * k))
 
 
 def resample(crop: np.ndarray, off_y: float, off_x: float, f: float, h: int, w: int) -> np.ndarray:
@@ -312,7 +326,15 @@ class SlideSource(abc.ABC):
     def _read_checked(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         if getattr(self, "_closed", False):
             raise SlideError(f"{self.path}: the slide is closed")
-        a = np.asarray(self._read(level, y0, y1, x0, x1))
+        try:
+            a = np.asarray(self._read(level, y0, y1, x0, x1))
+        except (SlideError, MemoryError):
+            raise
+        except Exception as e:  # decoder errors (zlib, JPEG ...), truncated files, I/O errors
+            raise CorruptTileError(
+                f"{self.path}: cannot read level {level} rows {y0}:{y1}, columns {x0}:{x1} "
+                f"({type(e).__name__}: {e})"
+            ) from e
         if a.shape != (y1 - y0, x1 - x0, 3) or a.dtype != np.uint8:
             raise SlideError(
                 f"{self.path}: reader returned {a.shape} {a.dtype} for level {level} "
@@ -366,7 +388,9 @@ class SlideSource(abc.ABC):
         """Lazy ``(H, W, 3) uint8`` dask array of ``level`` in square ``tile`` chunks.
 
         Each chunk is read only when computed, so panning a huge slide in napari or
-        mapping a function over it touches only the tiles it needs.
+        mapping a function over it touches only the tiles it needs.  The graph holds
+        this open source, so compute it with the local (threaded) scheduler; on a
+        dask cluster open the slide inside each task instead.
         """
         import dask.array as da
         from dask.base import tokenize
@@ -435,6 +459,9 @@ class SlideSource(abc.ABC):
             m = resample_margin(f)
             iy, ix = int(math.floor(ly)) - m, int(math.floor(lx)) - m
             iy1, ix1 = int(math.ceil(ly + h * f)) + m, int(math.ceil(lx + w * f)) + m
+            if f >= 2:  # whole blocks for the block-mean stage
+                k2 = int(math.floor(f))
+                iy1, ix1 = iy1 + (-(iy1 - iy) % k2), ix1 + (-(ix1 - ix) % k2)
             crop = self._read_edge_padded(level, iy, iy1, ix, ix1)
             out = resample(crop, ly - iy, lx - ix, f, h, w)
         # black outside the slide (pixel centres past the edge)
