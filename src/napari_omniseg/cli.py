@@ -268,11 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         p.print_help()
         return 0
     from .model.checkpoint import CheckpointError
+    from .slides.base import SlideError
+    from .tissues import UnknownTissueError
     from .training.data import DataError
 
     try:
         return int(a._fn(a) or 0)
-    except (CheckpointError, DataError, FileExistsError, FileNotFoundError) as e:
+    except (CheckpointError, DataError, SlideError, UnknownTissueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

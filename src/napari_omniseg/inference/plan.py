@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..slides.base import RegionOutsideError
 from ..tissues import Tissue, magnification_groups
 
 
@@ -89,9 +90,9 @@ def make_plans(
     if region is not None:
         x, y, w, h = region
         if w <= 0 or h <= 0:
-            raise ValueError(f"region {region} is empty")
+            raise RegionOutsideError(f"region {region} is empty (width and height must be > 0)")
         if x < 0 or y < 0 or x + w > W0 or y + h > H0:
-            raise ValueError(f"region x={x} y={y} w={w} h={h} is outside the slide (level 0 is {W0} x {H0} px)")
+            raise RegionOutsideError(f"region x={x} y={y} w={w} h={h} is outside the slide (level 0 is {W0} x {H0} px)")
     plans = []
     for mag, group in magnification_groups(tissues).items():
         mpp = group[0].mpp
