@@ -1,0 +1,87 @@
+"""Shared plumbing of the plugin's dock widgets (magicgui Containers)."""
+
+from __future__ import annotations
+
+import logging
+
+from magicgui.widgets import Container, Label
+
+from ._state import get_state
+
+log = logging.getLogger("napari_omniseg")
+
+
+def show_error(msg: str) -> None:
+    from napari.utils.notifications import show_error as _se
+
+    log.error(msg)
+    _se(msg)
+
+
+def show_info(msg: str) -> None:
+    from napari.utils.notifications import show_info as _si
+
+    log.info(msg)
+    _si(msg)
+
+
+def describe_error(e: BaseException) -> str:
+    """A one-line message for the user: the exception's own text, its type when that is empty."""
+    text = str(e).strip()
+    return text if text else type(e).__name__
+
+
+def color_icon(color: str, size: int = 12):
+    from qtpy.QtGui import QColor, QIcon, QPixmap
+
+    pm = QPixmap(size, size)
+    pm.fill(QColor(color))
+    return QIcon(pm)
+
+
+class OmnisegWidget(Container):
+    """A dock widget bound to one viewer and the plugin state of that viewer."""
+
+    def __init__(self, viewer, **kwargs):
+        super().__init__(**kwargs)
+        self.viewer = viewer
+        self.state = get_state(viewer)
+        self.status = Label(value="")
+        self.status.native.setWordWrap(True)
+
+    def set_status(self, text: str) -> None:
+        self.status.value = text
+
+    def error(self, msg: str) -> None:
+        self.set_status(msg)
+        show_error(msg)
+
+    def info(self, msg: str) -> None:
+        self.set_status(msg)
+        show_info(msg)
+
+    def image_layers(self):
+        from napari.layers import Image
+
+        return [lyr for lyr in self.viewer.layers if isinstance(lyr, Image)]
+
+    def layer_choices(self, kind):
+        def choices(_w=None):
+            return [(lyr.name, lyr) for lyr in self.viewer.layers if isinstance(lyr, kind)]
+
+        return choices
+
+    def watch_layers(self, *widgets) -> None:
+        """Refresh the choices of ``widgets`` whenever layers are added, removed or renamed."""
+
+        def refresh(_event=None):
+            for w in widgets:
+                try:
+                    w.reset_choices()
+                except Exception:  # noqa: BLE001 - a stale choice must not break the viewer
+                    pass
+
+        for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed,
+                   self.viewer.layers.events.reordered):
+            ev.connect(refresh)
+        refresh()

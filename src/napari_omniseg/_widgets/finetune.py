@@ -1,0 +1,207 @@
+"""The Fine-tune widget: one click from exported corrections to a better model.
+
+The work is :func:`napari_omniseg.corrections.finetune.finetune`: a copy of the
+active checkpoint learns from the exported patches in the background; the result is
+a NEW checkpoint in the registry, measured before and after on the held-out
+patches.  Nothing changes which model is active until *Make active*; *Roll back*
+returns to the model that was active before.  Cancel or a failure leaves the
+registry exactly as it was.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from magicgui.widgets import CheckBox, ComboBox, Container, Label, LineEdit, PushButton, SpinBox
+
+from ._base import OmnisegWidget, describe_error, log
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+class FinetuneWidget(OmnisegWidget):
+    """Fine-tune the active model on your exported corrections."""
+
+    def __init__(self, viewer: "napari.viewer.Viewer"):  # noqa: F821
+        super().__init__(viewer)
+        self._data = LineEdit(label="Training folder", value="")
+        self._data.native.setPlaceholderText("automatic: <project>/training")
+        self._epochs = SpinBox(label="Epochs", value=3, min=1, max=200)
+        self._crop = ComboBox(label="Crop (px)", choices=[64, 128, 256], value=128)
+        self._freeze = CheckBox(text="Freeze the encoder (fast on CPU)", value=True)
+        self._mix = CheckBox(text="Mix in the reference demo data", value=False)
+        self._ref = LineEdit(label="Reference data", value=self._default_reference())
+        self._device = ComboBox(label="Device", choices=["cpu", "auto", "cuda", "mps"], value="cpu")
+        self._resegment = CheckBox(text="Re-segment the current region after switching models", value=True)
+        self._run = PushButton(text="Fine-tune")
+        self._cancel = PushButton(text="Cancel", enabled=False)
+        self._progress = Label(value="")
+        self._result = Label(value="")
+        self._result.native.setWordWrap(True)
+        self._activate = PushButton(text="Make the new model active", enabled=False)
+        self._rollback = PushButton(text="Roll back to the previous model", enabled=False)
+        self.extend([self._data, self._epochs, self._crop, self._freeze, self._mix, self._ref, self._device,
+                     Container(widgets=[self._run, self._cancel], layout="horizontal", labels=False),
+                     self._progress, self._result, self._activate, self._rollback, self._resegment, self.status])
+        self._run.changed.connect(lambda: self.start())
+        self._cancel.changed.connect(self.cancel)
+        self._activate.changed.connect(lambda: self.activate())
+        self._rollback.changed.connect(lambda: self.rollback())
+        self.job = None
+        self.result = None
+        self.previous: Path | None = None
+        self._had_previous = False
+        self.config_overrides: dict = {}  #: extra FinetuneConfig fields (tests, scripts)
+
+    @staticmethod
+    def _default_reference() -> str:
+        try:
+            from .._sample_data import find_demo_dir
+
+            return str(find_demo_dir())
+        except FileNotFoundError:
+            return ""
+
+    def dataset(self) -> Path | None:
+        if self._data.value.strip():
+            return Path(self._data.value.strip()).expanduser()
+        s = self.state.session
+        return s.training_dir if s is not None else None
+
+    # ------------------------------------------------------------------ run
+    def start(self):
+        from ..corrections.finetune import FinetuneConfig, finetune
+        from ..model.registry import ModelRegistry
+        from ._jobs import start_job
+
+        st = self.state
+        if st.busy:
+            self.error(f"Wait for the {st.busy} to finish first.")
+            return None
+        data = self.dataset()
+        if data is None or not (data / "manifest.csv").exists():
+            self.error("No exported corrections found: export reviewed corrections first (Export widget).")
+            return None
+        ref = self._ref.value.strip() if self._mix.value else None
+        if ref and not Path(ref).exists():
+            self.error(f"Reference data {ref} not found; untick 'Mix in the reference demo data' or fix the path.")
+            return None
+        cfg = FinetuneConfig(epochs=int(self._epochs.value), crop=int(self._crop.value),
+                             freeze_encoder=bool(self._freeze.value), reference=ref, device=self._device.value,
+                             **self.config_overrides)
+        reg = ModelRegistry()
+        self.result = None
+        self._activate.enabled = False
+
+        def work(on_progress, should_stop):
+            return finetune(data, reg, None, cfg, on_progress, should_stop)
+
+        def done(res):
+            self.result = res
+            per = "; ".join(f"{t}: {_fmt(v.get('before'))} -> {_fmt(v.get('after'))}"
+                            for t, v in sorted(res.per_tissue.items()))
+            self._result.value = (
+                f"New model {res.version} ({res.n_train} training patches"
+                f"{f' + {res.n_reference} reference' if res.n_reference else ''}, {res.seconds:.0f} s).\n"
+                f"Mean Dice on {res.n_val} held-out patches: {_fmt(res.before_dice)} before, "
+                f"{_fmt(res.after_dice)} after" + (f" ({per})" if per else "") + ".\n"
+                "The active model is unchanged until you make the new one active.")
+            self._activate.enabled = True
+            self.info(f"Fine-tuning done: {res.path.name}")
+            st.changed.emit("model")
+
+        def failed(e):
+            from ..training.loop import TrainingCancelled
+
+            if isinstance(e, TrainingCancelled):
+                self.info("Fine-tuning cancelled: no checkpoint was written and the active model is unchanged.")
+            else:
+                log.exception("fine-tuning failed", exc_info=e)
+                self.error(f"Fine-tuning failed: {describe_error(e)}. No checkpoint was written; the active model "
+                           "is unchanged.")
+
+        def fin():
+            st.busy = ""
+            self._run.enabled = True
+            self._cancel.enabled = False
+
+        st.busy = "fine-tuning"
+        self._run.enabled = False
+        self._cancel.enabled = True
+        self._progress.value = "Starting..."
+        self.job = start_job("Fine-tuning", work, on_progress=self._on_progress, on_done=done, on_error=failed,
+                             on_finally=fin)
+        return self.job
+
+    def _on_progress(self, ev: dict) -> None:
+        ph = ev.get("phase")
+        if ph == "train":
+            self._progress.value = (f"Epoch {ev['epoch']}/{ev['epochs']}, step {ev['step']}/{ev['steps']}, "
+                                    f"loss {ev['loss']:.3f}")
+        elif ph == "epoch":
+            vd = ev.get("val_mean_dice")
+            self._progress.value = (f"Epoch {ev['epoch']}/{ev['epochs']} done: loss {ev['loss']:.3f}"
+                                    + (f", val Dice {vd:.3f}" if vd is not None else ""))
+        elif ph == "evaluate":
+            self._progress.value = f"Measuring the {ev['which']} model on {ev['n']} held-out patches..."
+        elif ph == "load":
+            self._progress.value = ev.get("message", "")
+
+    def cancel(self, *_):
+        if self.job is not None and self.job.running:
+            self.job.cancel()
+            self._progress.value = "Cancelling..."
+
+    # ------------------------------------------------------------------ switch models
+    def activate(self):
+        from ..corrections.finetune import activate
+        from ..model.registry import ModelRegistry
+
+        if self.result is None:
+            self.error("Fine-tune first.")
+            return None
+        reg = ModelRegistry()
+        try:
+            self.previous = activate(reg, self.result.path)
+        except Exception as e:  # noqa: BLE001
+            self.error(f"Could not activate {self.result.path.name}: {describe_error(e)}")
+            return None
+        self._had_previous = True
+        self._activate.enabled = False
+        self._rollback.enabled = True
+        self.info(f"{self.result.path.name} is now the active model.")
+        self.state.changed.emit("model")
+        return self._resegment_now()
+
+    def rollback(self):
+        from ..corrections.finetune import rollback
+        from ..model.registry import ModelRegistry
+
+        if not self._had_previous:
+            self.error("Nothing to roll back.")
+            return None
+        try:
+            rollback(ModelRegistry(), self.previous)
+        except Exception as e:  # noqa: BLE001
+            self.error(f"Roll back failed: {describe_error(e)}")
+            return None
+        self._rollback.enabled = False
+        self._activate.enabled = self.result is not None
+        self._had_previous = False
+        name = self.previous.name if self.previous else "the shipped model"
+        self.info(f"Rolled back: {name} is active again.")
+        self.state.changed.emit("model")
+        return self._resegment_now()
+
+    def _resegment_now(self):
+        st = self.state
+        seg = st.segment_widget
+        if not self._resegment.value or seg is None or st.region is None or not st.tissues:
+            return None
+        from .segment import ACTIVE, SCOPE_FOV
+
+        seg.refresh_models()
+        seg._ckpt.value = ACTIVE
+        return seg.run(scope=SCOPE_FOV, region=st.region, tissues=st.tissues)

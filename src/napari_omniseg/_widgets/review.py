@@ -1,0 +1,246 @@
+"""The Review widget: mark tissues reviewed, paint corrections, autosave, commit.
+
+Painting happens in napari's own Labels tools on the tissue layers the Segment
+widget made (label 1 = tissue, 0 = erase); undo/redo are napari's.  This widget
+keeps the project folder up to date: it autosaves changed working regions on every
+paint event and on a 1 s timer (which also catches undo and redo), at most every
+``autosave_interval`` seconds per tissue, and never touches the layer's data or its
+undo history.  *Commit* accepts the reviewed tissues' regions (and writes them into
+the slide's label store when there is one).  Tissues not marked reviewed stay
+*unknown* and are never exported as training data.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from magicgui.widgets import CheckBox, Container, Label, PushButton
+
+from ..tissues import TISSUES, get_tissue
+from ._base import OmnisegWidget, color_icon, describe_error, log
+from ._layers import META_KEY, find_tissue_layer, show_region
+
+AUTOSAVE_TICK_MS = 1000
+
+
+class ReviewWidget(OmnisegWidget):
+    """Review the segmentation tissue by tissue, correct it, commit what you reviewed."""
+
+    def __init__(self, viewer: "napari.viewer.Viewer"):  # noqa: F821
+        super().__init__(viewer)
+        from qtpy.QtCore import QTimer
+
+        self._project = Label(value="No project yet: segment a region first.")
+        self._project.native.setWordWrap(True)
+        self._rows: dict[str, tuple[CheckBox, Label]] = {}
+        rows = []
+        for t in TISSUES:
+            cb = CheckBox(text=t.label, value=False, enabled=False)
+            cb.native.setIcon(color_icon(t.color))
+            info = Label(value="-")
+            cb.changed.connect(lambda v, n=t.name: self._reviewed_changed(n, v))
+            self._rows[t.name] = (cb, info)
+            rows.append(Container(widgets=[cb, info], layout="horizontal", labels=False))
+        self._table = Container(widgets=rows, labels=False, label="Reviewed")
+        self._hint = Label(value="Paint with label 1 to add tissue, 0 to erase; Ctrl+Z undoes.")
+        self._hint.native.setWordWrap(True)
+        self._commit = PushButton(text="Commit reviewed tissues")
+        self._discard = PushButton(text="Discard edits of the selected layer")
+        self._from_store = PushButton(text="Edit the region in view (whole-slide result)")
+        self._save = PushButton(text="Save now")
+        self._saved = Label(value="")
+        self.extend([self._project, self._table, self._hint, self._commit, self._discard, self._from_store,
+                     self._save, self._saved, self.status])
+        self._commit.changed.connect(lambda: self.commit())
+        self._discard.changed.connect(lambda: self.discard())
+        self._from_store.changed.connect(lambda: self.edit_from_store())
+        self._save.changed.connect(lambda: self.autosave(force=True))
+        self._watched: set[int] = set()
+        self.state.changed.connect(self._state_changed)
+        self.viewer.layers.events.inserted.connect(lambda e: self._watch_layers())
+        self._timer = QTimer(self.native)
+        self._timer.setInterval(AUTOSAVE_TICK_MS)
+        self._timer.timeout.connect(self.autosave)
+        self._timer.start()
+        self._updating = False
+        self.refresh()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def session(self):
+        return self.state.session
+
+    def _state_changed(self, what: str) -> None:
+        self._watch_layers()
+        self.refresh()
+
+    def _watch_layers(self) -> None:
+        """Autosave on every paint event of our working layers (connected once per layer)."""
+        for lyr in self.viewer.layers:
+            om = (getattr(lyr, "metadata", {}) or {}).get(META_KEY)
+            if isinstance(om, dict) and om.get("kind") == "working" and id(lyr) not in self._watched:
+                lyr.events.paint.connect(self._painted)
+                self._watched.add(id(lyr))
+
+    def _painted(self, event=None) -> None:
+        self.autosave()
+        self.refresh(counts=False)
+
+    def refresh(self, counts: bool = True) -> None:
+        s = self.session
+        self._updating = True
+        try:
+            if s is None:
+                self._project.value = "No project yet: segment a region first."
+                for cb, info in self._rows.values():
+                    cb.enabled = False
+                    info.value = "-"
+                return
+            self._project.value = f"Project: {s.folder}"
+            for name, (cb, info) in self._rows.items():
+                wr = s.regions.get(name)
+                cb.enabled = wr is not None
+                cb.value = bool(wr and wr.reviewed)
+                if wr is None:
+                    info.value = "not segmented"
+                    continue
+                parts = []
+                if counts:
+                    try:
+                        n = s.edited_pixels(name)
+                        parts.append(f"{n} px edited" if n else "unedited")
+                    except Exception:  # noqa: BLE001
+                        pass
+                if wr.has_uncommitted_edits():
+                    parts.append("uncommitted")
+                committed = [c for c in s.commits if c.tissue == name and not c.superseded]
+                if committed:
+                    parts.append(f"{len(committed)} commit(s)")
+                info.value = ", ".join(parts) or "-"
+        finally:
+            self._updating = False
+
+    def _reviewed_changed(self, name: str, value: bool) -> None:
+        if self._updating or self.session is None or name not in self.session.regions:
+            return
+        try:
+            self.session.set_reviewed(name, bool(value))
+        except Exception as e:  # noqa: BLE001
+            self.error(describe_error(e))
+            return
+        self.state.changed.emit("reviewed")
+
+    def set_reviewed(self, name: str, value: bool = True) -> None:
+        """Mark a tissue reviewed (same as ticking its box)."""
+        t = get_tissue(name)
+        cb, _ = self._rows[t.name]
+        if cb.value != bool(value):
+            cb.value = bool(value)
+        elif self.session is not None:
+            self._reviewed_changed(t.name, bool(value))
+
+    # ------------------------------------------------------------------ autosave
+    def autosave(self, force: bool = False) -> list[str]:
+        s = self.session
+        if s is None:
+            return []
+        try:
+            saved = s.save() if force else s.poll()
+        except Exception as e:  # noqa: BLE001 - keep painting even if the disk is full; say so
+            log.exception("autosave failed")
+            self.error(f"Autosave failed ({describe_error(e)}); your edits are still in the viewer, free some "
+                       "disk space or choose another project folder")
+            return []
+        if saved:
+            self._saved.value = f"Autosaved {', '.join(saved)} at {time.strftime('%H:%M:%S')}"
+        return saved
+
+    # ------------------------------------------------------------------ actions
+    def commit(self, names=None):
+        s = self.session
+        if s is None:
+            self.error("Nothing to commit: segment a region first.")
+            return []
+        names = list(names) if names else [n for n, r in s.regions.items() if r.reviewed]
+        if not names:
+            self.error("Mark the tissues you reviewed first (tick their boxes); only reviewed tissues are committed.")
+            return []
+        try:
+            recs = s.commit(names)
+        except Exception as e:  # noqa: BLE001
+            log.exception("commit failed")
+            self.error(f"Commit failed: {describe_error(e)}")
+            return []
+        stored = [r.tissue for r in recs if r.store_written]
+        self.info(f"Committed {', '.join(r.tissue for r in recs)}" +
+                  (f" (also written to the label store: {', '.join(stored)})" if stored else "") +
+                  ". Export them as training data next.")
+        self.refresh()
+        self.state.changed.emit("commit")
+        return recs
+
+    def discard(self, name: str | None = None):
+        s = self.session
+        if s is None:
+            return
+        if name is None:
+            lyr = self.viewer.layers.selection.active
+            om = (getattr(lyr, "metadata", {}) or {}).get(META_KEY) if lyr is not None else None
+            if not isinstance(om, dict) or om.get("kind") != "working":
+                self.error("Select a tissue layer first.")
+                return
+            name = om["tissue"]
+        try:
+            s.discard(name)
+        except Exception as e:  # noqa: BLE001
+            self.error(describe_error(e))
+            return
+        lyr = find_tissue_layer(self.viewer, name)
+        if lyr is not None:
+            lyr.refresh()
+        self.info(f"{get_tissue(name).label}: edits discarded, back to the model's prediction.")
+        self.refresh()
+        self.state.changed.emit("regions")
+
+    def edit_from_store(self, region=None):
+        """Copy the field of view of a whole-slide result into editable working regions."""
+        from pathlib import Path
+
+        from ..labels.store import LabelStore
+        from ._regions import RegionError, fov_region
+        from .segment import layer_meta
+
+        s, st = self.session, self.state
+        if s is None or not s.store_path or not Path(s.store_path).exists():
+            self.error("No whole-slide result in this project: run Segment with scope 'Whole slide' first.")
+            return []
+        layer = st.image_layer
+        try:
+            region = region or fov_region(self.viewer, layer)
+        except RegionError as e:
+            self.error(describe_error(e))
+            return []
+        store = LabelStore(s.store_path)
+        names = [n for n in store.tissue_names if store.has(n)]
+        busy = s.uncommitted(names)
+        if busy:
+            self.error("Uncommitted corrections in " + ", ".join(busy) + ": commit or discard them first.")
+            return []
+        x, y, w, h = region
+        mpp0 = float(store.meta["level0_mpp"])
+        out = []
+        for n in names:
+            t = get_tissue(n)
+            f = store.mpp(n) / mpp0
+            arr = store.level(n, 0)
+            y0, x0 = int(y / f), int(x / f)
+            y1, x1 = min(arr.shape[0], int(np.ceil((y + h) / f))), min(arr.shape[1], int(np.ceil((x + w) / f)))
+            data = np.array(arr[y0:y1, x0:x1], dtype=np.uint8)
+            wr = s.set_region(t, data, (y0, x0), f, store.mpp(n), region, str(store.meta.get("model_version", "")))
+            show_region(self.viewer, layer, wr, layer_meta(s, st.source))
+            out.append(n)
+        st.region, st.tissues = tuple(region), out
+        self.info(f"Editing {len(out)} tissue(s) over {w} x {h} px; commit writes them back to {Path(s.store_path).name}.")
+        st.changed.emit("regions")
+        return out
