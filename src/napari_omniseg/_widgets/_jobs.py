@@ -19,6 +19,19 @@ from typing import Any, Callable
 _DONE = object()
 
 
+class _Failed:
+    """An exception carried out of the worker as a return value.
+
+    superqt's GeneratorWorker treats a RuntimeError raised by the generator as "the
+    worker was deleted" and then emits neither ``errored`` nor ``finished``; our
+    cancellations (SegmentationCancelled, TrainingCancelled) are RuntimeErrors, so
+    errors travel as values instead.
+    """
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
 @dataclass
 class Job:
     name: str
@@ -80,7 +93,7 @@ def _bridge(fn: Callable, stop_event: threading.Event, min_interval: float):
             stop_event.set()
         th.join()
     if "error" in box:
-        raise box["error"]
+        return _Failed(box["error"])
     return box.get("result")
 
 
@@ -121,9 +134,15 @@ def start_job(
             on_progress(ev)
 
     def _returned(res):
+        if isinstance(res, _Failed):
+            _errored(res.error)
+            return
         job.result = res
         if on_done is not None:
-            on_done(res)
+            try:
+                on_done(res)
+            except Exception as e:  # noqa: BLE001 - showing a result must not kill the viewer
+                _errored(e)
 
     def _errored(e):
         job.error = e

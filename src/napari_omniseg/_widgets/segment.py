@@ -397,12 +397,12 @@ class SegmentWidget(OmnisegWidget):
             scale = tuple(v * k for v in kw["scale"])
             translate = tuple(v * k + float(t) for v, t in zip(kw["translate"], layer.translate[-2:]))
             existing = next((l for l in self.viewer.layers
-                             if (l.metadata or {}).get(META_KEY, {}).get("kind") == "store"
+                             if (l.metadata or {}).get(META_KEY, {}).get("kind") in ("store", "store-map")
                              and l.metadata[META_KEY].get("tissue") == name
                              and l.metadata[META_KEY].get("image") == layer.name), None)
             if existing is not None:
                 self.viewer.layers.remove(existing)
-            self.viewer.add_labels(data, name=kw["name"], scale=scale, translate=translate, multiscale=True,
+            self.viewer.add_labels(data, name=f"{kw['name']} (whole slide)", scale=scale, translate=translate, multiscale=True,
                                    colormap=kw["colormap"], opacity=kw.get("opacity", 0.5), metadata=kw["metadata"])
 
     def _progress(self, ev: dict) -> None:
