@@ -83,6 +83,7 @@ def test_labels_round_trip_through_ome_zarr(tmp_path):
     # napari opens it too, through the plugin
     import npe2
 
+    npe2.PluginManager.instance().discover()
     layer_data = npe2.read([out], stack=False, plugin_name="napari-omniseg")
     assert [ld[2] for ld in layer_data] == ["labels"] * 3
 
