@@ -255,8 +255,10 @@ def test_field_of_view_and_rectangle_regions(make_napari_viewer):
     image = viewer.add_image(np.zeros((400, 600, 3), np.uint8), scale=(0.5, 0.5), translate=(10, 20))
     viewer.reset_view()
     assert fov_region(viewer, image) == (0, 0, 600, 400)  # the whole image fits in the canvas
-    viewer.camera.center = (10 + 100 * 0.5, 20 + 200 * 0.5)
-    viewer.camera.zoom = 10.0  # screen px per world unit: 0.5 um/px -> 5 screen px per image px
+    from napari_omniseg._widgets._regions import camera
+
+    camera(viewer).center = (10 + 100 * 0.5, 20 + 200 * 0.5)
+    camera(viewer).zoom = 10.0  # screen px per world unit: 0.5 um/px -> 5 screen px per image px
     x, y, w, h = fov_region(viewer, image)
     ch, cw = viewer.canvas.size
     assert abs(w - cw / 5) <= 2 and abs(h - ch / 5) <= 2

@@ -11,6 +11,15 @@ from ._state import get_state
 log = logging.getLogger("napari_omniseg")
 
 
+def background_threads() -> int:
+    """Default torch CPU threads for background jobs: all cores but one, so the viewer
+    keeps a core (on a 2-core machine that is 1 thread; measured in benchmarks/viewer_latency.py)."""
+    import os
+
+    n = os.cpu_count() or 1
+    return max(1, n - 1)
+
+
 def show_error(msg: str) -> None:
     from napari.utils.notifications import show_error as _se
 

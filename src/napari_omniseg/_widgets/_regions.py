@@ -25,11 +25,18 @@ def _clip_box(image_layer, lo, hi) -> tuple[int, int, int, int]:
     return x0, y0, x1 - x0, y1 - y0
 
 
+def camera(viewer):
+    """The viewer's camera (``viewer.scene.camera`` since napari 0.9, ``viewer.camera`` before)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
 def fov_region(viewer, image_layer) -> tuple[int, int, int, int]:
     """Level-0 (x, y, w, h) of the part of the image visible in the canvas."""
-    c = np.asarray(viewer.camera.center[-2:], float)
+    cam = camera(viewer)
+    c = np.asarray(cam.center[-2:], float)
     h, w = viewer.canvas.size
-    zoom = float(viewer.camera.zoom) or 1.0
+    zoom = float(cam.zoom) or 1.0
     half = np.array([h, w], float) / (2 * zoom)
     lo = world_to_level0(image_layer, c - half)
     hi = world_to_level0(image_layer, c + half)

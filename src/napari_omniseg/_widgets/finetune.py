@@ -14,7 +14,7 @@ from pathlib import Path
 
 from magicgui.widgets import CheckBox, ComboBox, Container, Label, LineEdit, PushButton, SpinBox
 
-from ._base import OmnisegWidget, describe_error, log
+from ._base import OmnisegWidget, background_threads, describe_error, log
 
 
 def _fmt(v) -> str:
@@ -34,6 +34,7 @@ class FinetuneWidget(OmnisegWidget):
         self._mix = CheckBox(text="Mix in the reference demo data", value=False)
         self._ref = LineEdit(label="Reference data", value=self._default_reference())
         self._device = ComboBox(label="Device", choices=["cpu", "auto", "cuda", "mps"], value="cpu")
+        self._threads = SpinBox(label="CPU threads", value=background_threads(), min=1, max=256)
         self._resegment = CheckBox(text="Re-segment the current region after switching models", value=True)
         self._run = PushButton(text="Fine-tune")
         self._cancel = PushButton(text="Cancel", enabled=False)
@@ -42,7 +43,7 @@ class FinetuneWidget(OmnisegWidget):
         self._result.native.setWordWrap(True)
         self._activate = PushButton(text="Make the new model active", enabled=False)
         self._rollback = PushButton(text="Roll back to the previous model", enabled=False)
-        self.extend([self._data, self._epochs, self._crop, self._freeze, self._mix, self._ref, self._device,
+        self.extend([self._data, self._epochs, self._crop, self._freeze, self._mix, self._ref, self._device, self._threads,
                      Container(widgets=[self._run, self._cancel], layout="horizontal", labels=False),
                      self._progress, self._result, self._activate, self._rollback, self._resegment, self.status])
         self._run.changed.connect(lambda: self.start())
@@ -90,7 +91,7 @@ class FinetuneWidget(OmnisegWidget):
             return None
         cfg = FinetuneConfig(epochs=int(self._epochs.value), crop=int(self._crop.value),
                              freeze_encoder=bool(self._freeze.value), reference=ref, device=self._device.value,
-                             **self.config_overrides)
+                             threads=int(self._threads.value), **self.config_overrides)
         reg = ModelRegistry()
         self.result = None
         self._activate.enabled = False

@@ -13,10 +13,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, LineEdit, PushButton, RadioButtons
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, LineEdit, PushButton, RadioButtons, SpinBox
 
 from ..tissues import TISSUES
-from ._base import OmnisegWidget, color_icon, describe_error, log
+from ._base import OmnisegWidget, background_threads, color_icon, describe_error, log
 from ._layers import META_KEY, MAP_LAYER, colormap, compose, complete_map_of, find_map_layer, map_color_dict, show_region
 from ._regions import RegionError, fov_region, rect_region, whole_region
 
@@ -39,6 +39,15 @@ def layer_meta(session, src) -> dict:
     """What a tissue layer records so writers can place it on the slide."""
     return {"project": str(session.folder), "level0_shape": [int(v) for v in src.shapes[0]],
             "level0_mpp": float(src.mpp), "slide": session.slide.path or session.slide.id}
+
+
+def _threads_here(seg) -> None:
+    """Apply the engine's CPU thread count in the calling (worker) thread."""
+    n = int(getattr(seg.cfg, "threads", 0) or 0)
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
 
 
 def _has_tissue_mask() -> bool:
@@ -74,13 +83,16 @@ class SegmentWidget(OmnisegWidget):
         self._device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self._block = ComboBox(label="Block (px)", choices=[128, 256, 512], value=256,
                                tooltip="Output block side in model pixels; smaller blocks give more frequent progress")
+        self._threads = SpinBox(label="CPU threads", value=background_threads(), min=1, max=256,
+                                tooltip="torch threads for the model on CPU; one core is left free by default so the "
+                                        "viewer stays responsive")
         self._map = CheckBox(text="Also show the complete label map", value=False)
         self._project = LineEdit(label="Project folder", value="")
         self._project.native.setPlaceholderText("automatic: <slide>.omniseg")
         self._run = PushButton(text="Segment")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self.extend([self._image, self._mpp, self._tissues, self._scope, self._shapes, self._draw, self._ckpt,
-                     self._device, self._block, self._map, self._project,
+                     self._device, self._block, self._threads, self._map, self._project,
                      Container(widgets=[self._run, self._cancel], layout="horizontal", labels=False), self.status])
         self._run.changed.connect(lambda: self.run())
         self._cancel.changed.connect(self.cancel)
@@ -134,7 +146,7 @@ class SegmentWidget(OmnisegWidget):
             return self.engine_config
         core = int(self._block.value)
         return EngineConfig(core=core, margin=max(8, core // 8), batch_size=4, device=device,
-                            skip_background=_has_tissue_mask())
+                            skip_background=_has_tissue_mask(), threads=int(self._threads.value))
 
     # ------------------------------------------------------------------ image / project
     def source_for(self, layer):
@@ -287,6 +299,7 @@ class SegmentWidget(OmnisegWidget):
         t0 = time.perf_counter()
 
         def work(on_progress, should_stop):
+            _threads_here(seg)
             return segment_region(seg, src, region, names, on_progress, should_stop)
 
         def done(res):
@@ -346,6 +359,7 @@ class SegmentWidget(OmnisegWidget):
         key = (id(layer), tuple(names), seg.ckpt.version, tuple(src.shapes[0]))
         if self._estimate_key != key:
             def work(on_progress, should_stop):
+                _threads_here(seg)
                 on_progress({"phase": "estimate"})
                 return estimate(seg, src, names)
 
@@ -366,6 +380,7 @@ class SegmentWidget(OmnisegWidget):
         n = sum(len(p.tiles) for p in seg.plans(src, names, None))
 
         def work(on_progress, should_stop):
+            _threads_here(seg)
             return segment_to_store(seg, src, out, names, None, on_progress, should_stop)
 
         def done(res):
