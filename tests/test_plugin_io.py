@@ -154,3 +154,18 @@ def test_array_source_reads_like_a_slide():
         ArraySource(img, None)
     with pytest.raises(SourceError, match="RGB"):
         ArraySource(np.zeros((4, 4, 4, 4)), 1.0)
+
+
+def test_renal_sample_falls_back_to_the_bundled_mosaic(monkeypatch):
+    from napari_omniseg import _sample_data as sd
+
+    if not (Path(sd.__file__).parent / "sample" / "sample.json").exists():
+        pytest.skip("this build has no bundled sample")
+
+    def missing():
+        raise sd.SampleDataMissing("renal demo data not found")
+
+    monkeypatch.setattr(sd, "find_demo_dir", missing)
+    (img, kw, _), (gt, _gkw, _) = sd.renal_sample()
+    assert img.ndim == 3 and img.shape[2] == 3 and gt.shape == img.shape[:2]
+    assert kw["metadata"]["mpp"] == 1.0 and set(np.unique(gt)) <= {0, 1, 2, 5} and gt.any()

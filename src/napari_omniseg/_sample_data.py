@@ -9,10 +9,13 @@
 - *CMU-1-Small-Region.svs*: the OpenSlide project's public test slide (CC0), read
   through the plugin's slide reader at its recorded 0.499 um/px.
 
-The files are not copied into the package (about 2.3 MB of patches for the mosaic
-plus the 1.9 MB slide, over the 2 MB a plugin should carry); they are looked up in
-``$OMNISEG_DEMO_DATA`` (the renal-demo folder), ``$OMNISEG_SAMPLE_SLIDE`` (the .svs)
-or the ``shared/data`` folder beside a source checkout.
+This module copies no data into the package (the mosaic's patches are about 2.3 MB
+and the slide 1.9 MB, over the 2 MB a plugin should carry for napari samples).  The
+files are looked up in ``$OMNISEG_DEMO_DATA`` (the renal-demo folder),
+``$OMNISEG_SAMPLE_SLIDE`` (the .svs) or the ``shared/data`` folder beside a source
+checkout.  Without the demo folder, the renal sample falls back to the 10x mosaic
+that ``omniseg demo`` bundles in ``napari_omniseg/sample/`` when the installed
+package has it (same test-split patches, laid out with gaps).
 """
 
 from __future__ import annotations
@@ -112,12 +115,47 @@ def _gt_colormap() -> dict:
     return cm
 
 
+def bundled_renal_mosaic():
+    """The 10x mosaic bundled for ``omniseg demo`` (image, ground truth, patches), if installed."""
+    import json
+
+    folder = Path(__file__).resolve().parent / "sample"
+    index = folder / "sample.json"
+    if not index.exists():
+        raise SampleDataMissing(f"no bundled sample in {folder}")
+    mos = next((m for m in json.loads(index.read_text()).get("mosaics", []) if int(m.get("magnification", 0)) == 10),
+               None)
+    if mos is None:
+        raise SampleDataMissing(f"{index} has no 10x mosaic")
+    import tifffile
+
+    img = np.asarray(tifffile.imread(folder / mos["image"]))[..., :3].astype(np.uint8)
+    lab = np.asarray(tifffile.imread(folder / mos["labels"])) > 0
+    gt = np.zeros(lab.shape, np.uint8)
+    patches = []
+    for p in mos["patches"]:
+        y, x, h, w = int(p["y"]), int(p["x"]), int(p["h"]), int(p["w"])
+        t = get_tissue(p["tissue"])
+        gt[y : y + h, x : x + w][lab[y : y + h, x : x + w]] = t.id + 1
+        patches.append({"stain": p.get("stain", ""), "file": Path(p.get("file", "")).name, "box": (y, x, h, w),
+                        "tissues": [t.name]})
+    return img, gt, patches, str(folder / mos["image"])
+
+
 def renal_sample():
     """napari sample: the renal demo mosaic and its ground-truth labels."""
-    demo = find_demo_dir()
-    img, gt, patches = build_renal_mosaic(demo, "test")
+    slide_id = "renal-demo-test-10x"
+    try:
+        demo = find_demo_dir()
+        img, gt, patches = build_renal_mosaic(demo, "test")
+    except SampleDataMissing as missing:
+        try:
+            img, gt, patches, demo = bundled_renal_mosaic()
+        except SampleDataMissing:
+            raise missing from None
+        slide_id += "-bundled"  # another layout: another project folder
     common = {"scale": (SAMPLE_MPP, SAMPLE_MPP), "units": ("micrometer", "micrometer")}
-    meta = {"mpp": SAMPLE_MPP, "source": str(demo), "split": "test", "slide_id": "renal-demo-test-10x",
+    meta = {"mpp": SAMPLE_MPP, "source": str(demo), "split": "test", "slide_id": slide_id,
             "patches": patches}
     return [
         (img, {"name": "renal demo (test split, 10x)", "rgb": True, "metadata": meta, **common}, "image"),
