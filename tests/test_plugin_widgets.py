@@ -289,3 +289,16 @@ def test_clear_errors_in_the_ui(make_napari_viewer, registry, qtbot, monkeypatch
     assert ft.start() is None and "export" in shown[-1].lower()
     seg.set_tissues([])
     assert seg.run() is None and "at least one tissue" in shown[-1]
+
+
+def test_widgets_are_in_napari_menus(make_napari_viewer):
+    from napari._app_model import get_app_model
+
+    make_napari_viewer()
+    menus = get_app_model().menus
+    found = {}
+    for mid in ("napari/layers/segment", "napari/layers/annotate", "napari/file/io_utilities"):
+        found[mid] = {getattr(i, "command").id for i in menus.get_menu(mid) if hasattr(i, "command")}
+    assert "napari-omniseg.segment_widget" in found["napari/layers/segment"]
+    assert "napari-omniseg.review_widget" in found["napari/layers/annotate"]
+    assert {"napari-omniseg.export_widget", "napari-omniseg.finetune_widget"} <= found["napari/file/io_utilities"]

@@ -101,6 +101,9 @@ class FinetuneWidget(OmnisegWidget):
 
         def done(res):
             self.result = res
+            last = res.history.get("epochs", [{}])[-1] if res.history.get("epochs") else {}
+            self._progress.value = (f"Finished {len(res.history.get('epochs', []))} epoch(s) in {res.seconds:.0f} s"
+                                    + (f", last loss {last['loss']:.3f}" if "loss" in last else ""))
             per = "; ".join(f"{t}: {_fmt(v.get('before'))} -> {_fmt(v.get('after'))}"
                             for t, v in sorted(res.per_tissue.items()))
             self._result.value = (
@@ -116,6 +119,7 @@ class FinetuneWidget(OmnisegWidget):
         def failed(e):
             from ..training.loop import TrainingCancelled
 
+            self._progress.value = ""
             if isinstance(e, TrainingCancelled):
                 self.info("Fine-tuning cancelled: no checkpoint was written and the active model is unchanged.")
             else:

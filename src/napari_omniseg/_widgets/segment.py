@@ -67,7 +67,7 @@ class SegmentWidget(OmnisegWidget):
 
         self.engine_config = None  #: an EngineConfig overriding the widget's settings (tests, scripts)
         self._image = ComboBox(label="Image", choices=self.layer_choices(Image))
-        self._mpp = FloatSpinBox(label="um/px", value=0.0, min=0.0, max=1000.0, step=0.001,
+        self._mpp = FloatSpinBox(label="um/px (0: as recorded)", value=0.0, min=0.0, max=1000.0, step=0.001,
                                  tooltip="Microns per pixel of the image, only when the file does not record it (0 = from the file)")
         self._tissue_boxes: dict[str, CheckBox] = {}
         for t in TISSUES:
