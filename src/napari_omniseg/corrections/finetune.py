@@ -112,6 +112,10 @@ def finetune(
     cfg = cfg or FinetuneConfig()
     registry = registry or ModelRegistry()
     t0 = time.perf_counter()
+    if cfg.threads:  # in this thread: a worker thread does not inherit the caller's setting
+        import torch
+
+        torch.set_num_threads(cfg.threads)
 
     def progress(ev: dict) -> None:
         if on_progress is not None:
