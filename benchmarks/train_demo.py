@@ -3,7 +3,7 @@
 Prints the per-tissue test table (foreground Dice, HD, HD95, MSD in microns), the
 wall time and the machine, and writes them as markdown (``--report``) and JSON.
 
-    python benchmarks/train_demo.py --data ../shared/data/renal-demo --epochs 60 \
+    python benchmarks/train_demo.py --data ../shared/data/renal-demo --epochs 200 \
         --out runs/demo.safetensors --report docs/training-results.md
 """
 
@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="val")
     p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--crop", type=int, default=192)
+    p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--val-every", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--optimizer", default="adamw")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     va = load_arrays(select(samples, a.val_split)) if a.val_split != "none" else []
     te = load_arrays(select(samples, "test"))
     cfg = TrainConfig(epochs=a.epochs, crop=a.crop, batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr,
-                      seed=a.seed, device=a.device, threads=a.threads)
+                      seed=a.seed, device=a.device, threads=a.threads, val_every=a.val_every)
 
     def prog(ev):
         if ev["phase"] == "epoch":

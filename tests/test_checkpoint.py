@@ -26,7 +26,7 @@ def test_round_trip_is_bit_exact(saved):
     assert [t.name for t in back.tissues][0] == "distal_tubule"
     meta = json.loads(sidecar_path(p).read_text())
     assert meta["architecture"]["widths"] == [32, 64, 128, 256, 256]
-    assert meta["n_parameters"] == 6_909_706 and len(meta["weights_sha256"]) == 64
+    assert meta["n_parameters"] == 6_913_594 and len(meta["weights_sha256"]) == 64
     assert meta["provenance"]["seed"] == 3 and back.metrics["val_mean_dice"] == 0.5
     assert back.version.startswith("m@")
 

@@ -36,7 +36,7 @@ def slide(demo_dir, tmp_path_factory):
 def test_info_json(ckpt_path, capsys):
     assert main(["info", "--checkpoint", str(ckpt_path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["n_parameters"] == 6_909_706
+    assert info["n_parameters"] == 6_913_594
     assert [(t["short"], t["magnification"]) for t in info["tissues"]] == [
         ("dt", 10), ("pt", 10), ("cap", 5), ("tuft", 5), ("ves", 10), ("ptc", 40)]
 

@@ -110,6 +110,7 @@ def _train_args(p):
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--crop", type=int, default=256, help="random training crop side (multiple of 16)")
+    p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (default 1)")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="sgd = the paper's Nesterov SGD, momentum 0.99")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 for both optimizers)")
     p.add_argument("--seed", type=int, default=1234)
@@ -144,6 +145,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = TrainConfig(
         epochs=a.epochs, batch_size=a.batch_size, crop=a.crop, optimizer=a.optimizer, seed=a.seed,
         freeze_encoder=a.freeze_encoder, augment=not a.no_augment, threads=a.threads, device=a.device,
+        val_every=a.val_every,
     )
     if a.lr is not None:
         cfg.lr = a.lr

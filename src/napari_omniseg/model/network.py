@@ -11,6 +11,12 @@ backbone runs once per patch and every tissue at that magnification reuses it:
 The controller is one 256 -> 162 matrix per (tissue, scale) pair plus a shared
 bias.  That is exactly what a linear layer on the flattened outer product
 feature x tissue-one-hot x scale-one-hot computes, without building the product.
+We append a constant 1 to the feature vector before the outer product, which adds
+one 162-vector per (tissue, scale) pair (3,888 parameters): each pair starts from
+its own head, initialised like ordinary 1x1 convolutions, and the image features
+modulate it.  Without that term every tissue's head is a linear function of the
+image's pooled features alone, which trains poorly from a few dozen patches
+(heads computed for unseen images collapse to "all background").
 """
 
 from __future__ import annotations
@@ -147,10 +153,14 @@ class OmniSegNet(nn.Module):
         feat = c.widths[-1]
         self.controller_weight = nn.Parameter(torch.empty(c.n_tissues, c.n_scales, N_HEAD_PARAMS, feat))
         self.controller_bias = nn.Parameter(torch.zeros(N_HEAD_PARAMS))
-        # same scale as a default linear layer over the 6144-wide outer product
+        self.controller_pair_bias = nn.Parameter(torch.empty(c.n_tissues, c.n_scales, N_HEAD_PARAMS))
+        # the feature part at the scale of a default linear layer over the 6144-wide
+        # outer product; each pair's own head like default 1x1 convs (fan-in 8)
         bound = 1.0 / (feat * c.n_tissues * c.n_scales) ** 0.5
         nn.init.uniform_(self.controller_weight, -bound, bound)
         nn.init.uniform_(self.controller_bias, -bound, bound)
+        hb = 1.0 / c.head_channels**0.5
+        nn.init.uniform_(self.controller_pair_bias, -hb, hb)
 
     # -- the expensive, tissue-independent part -------------------------------------
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +174,7 @@ class OmniSegNet(nn.Module):
     def head_params(self, gap: torch.Tensor, tissues: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """Controller: gap N x 256, tissues and scales N x T (ints) -> N x T x 162."""
         w = self.controller_weight[tissues, scales]  # N x T x 162 x 256
-        return torch.einsum("ntpf,nf->ntp", w, gap) + self.controller_bias
+        return torch.einsum("ntpf,nf->ntp", w, gap) + self.controller_pair_bias[tissues, scales] + self.controller_bias
 
     def heads(
         self,
