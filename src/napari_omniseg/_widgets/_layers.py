@@ -88,8 +88,7 @@ def show_region(viewer, image_layer, wr, meta: dict):
         lyr.scale = scale
         lyr.translate = translate
         lyr.data = wr.data
-    lyr.selected_label = 1
-    lyr.brush_size = max(1, int(lyr.brush_size))
+    lyr.selected_label = 1  # painting adds tissue; 0 erases
     return lyr
 
 
