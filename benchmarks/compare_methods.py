@@ -1,0 +1,319 @@
+"""Omni-Seg against the paper's baselines, trained the same way on the same data.
+
+Trains, for each seed, the four methods with one TrainConfig (epochs, crop, batch,
+optimiser, learning-rate schedule, augmentation, seed) on the train split, selects
+on the val split, and scores the test split: per-tissue foreground Dice, HD95 and
+mean surface distance in microns at each tissue's pixel size.
+
+- ``omniseg``: :func:`napari_omniseg.training.loop.train` (the shipped method);
+- ``multi_network``, ``multihead_tal``, ``multiclass``: see
+  :mod:`napari_omniseg.training.baselines`.
+
+Also measured: parameter count, training wall time, and inference time per
+256x256 tile for ALL tissues (multi-network: six forwards; Omni-Seg: one backbone
+pass plus six dynamic heads; the single-network baselines: one forward), timed on
+a batch of test tiles after one warm-up pass (median of ``--infer-repeats``).
+
+Writes a markdown report (``--out-md``) and every per-image score and training
+history as JSON (``--out-json``), and prints the tables.
+
+    python benchmarks/compare_methods.py --data ../shared/data/renal-demo \
+        --epochs 30 --crop 128 --threads 2 --out-md docs/comparison.md --out-json runs/comparison.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_omniseg.model.network import count_parameters, foreground
+from napari_omniseg.tissues import TISSUES
+from napari_omniseg.training.baselines import BASELINES, evaluate_baseline, train_baseline
+from napari_omniseg.training.data import load_arrays, load_dataset, select
+from napari_omniseg.training.loop import TrainConfig, evaluate_samples, train
+
+METHODS = ("omniseg", "multi_network", "multihead_tal", "multiclass")
+LABELS = {
+    "omniseg": "Omni-Seg (one backbone, dynamic heads)",
+    "multi_network": "Multi-network (6 binary U-Nets)",
+    "multihead_tal": "Multi-head + TAL",
+    "multiclass": "Multi-class softmax",
+}
+
+
+# --------------------------------------------------------------------------- machine
+def cpu_model() -> str:
+    name = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return name or platform.machine()
+
+
+def machine() -> str:
+    dev = f"{torch.cuda.get_device_name(0)} (CUDA), " if torch.cuda.is_available() else ""
+    return (f"{dev}CPU {cpu_model()} ({platform.machine()}), {os.cpu_count()} logical cores, "
+            f"{torch.get_num_threads()} torch threads, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+# --------------------------------------------------------------------------- timing
+def all_tissue_fn(method: str, model):
+    """x (N x 3 x H x W in [0, 1]) -> bool N x T x H x W masks of every tissue."""
+    if method == "omniseg":
+        n_t = model.cfg.n_tissues
+        return lambda x: foreground(model.heads(model.features(x), list(range(n_t))))
+    b = BASELINES[method]
+    return lambda x: b.predict_all(model, x)
+
+
+@torch.inference_mode()
+def time_per_tile_ms(fn, x: torch.Tensor, repeats: int) -> float:
+    """Median wall time of ``fn(x)`` over ``repeats`` runs after one warm-up, per tile, in ms."""
+    out = fn(x)
+    assert out.shape[:2] == (x.shape[0], len(TISSUES)), out.shape
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    return 1000.0 * statistics.median(times) / x.shape[0]
+
+
+# --------------------------------------------------------------------------- one run
+def run_one(method: str, seed: int, tr, va, te, a) -> dict:
+    cfg = TrainConfig(epochs=a.epochs, crop=a.crop, batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr,
+                      seed=seed, threads=a.threads, val_every=a.val_every, device="cpu")
+
+    def prog(ev):
+        if ev.get("phase") == "epoch":
+            v = ev.get("val_mean_dice")
+            print(f"  [{method} seed {seed}] epoch {ev['epoch']:3d}/{ev['epochs']}  loss {ev['loss']:.4f}  "
+                  f"val mean Dice {'-' if v is None else f'{v:.3f}'}  {ev['time_s']:.0f} s", flush=True)
+
+    t0 = time.perf_counter()
+    if method == "omniseg":
+        ck, hist = train(tr, va, None, cfg, on_progress=prog)
+        train_s = time.perf_counter() - t0
+        model = ck.model.eval()
+        rows, summ = evaluate_samples(ck, te)
+    else:
+        model, hist = train_baseline(method, tr, va, cfg, on_progress=prog)
+        train_s = time.perf_counter() - t0
+        rows, summ = evaluate_baseline(method, model, te)
+    x = torch.from_numpy(np.stack([s.image for s in te[: a.infer_batch]])).permute(0, 3, 1, 2).float() / 255.0
+    infer_ms = time_per_tile_ms(all_tissue_fn(method, model), x, a.infer_repeats)
+    return {"method": method, "seed": seed, "n_parameters": count_parameters(model), "train_s": train_s,
+            "infer_ms_per_tile": infer_ms, "infer_batch": int(x.shape[0]), "infer_tile": list(x.shape[-2:]),
+            "summary": summ, "rows": rows, "history": hist}
+
+
+# --------------------------------------------------------------------------- report
+def _stat(vals, decimals, scale=1.0):
+    vals = [v * scale for v in vals if v is not None and not math.isnan(v)]
+    if not vals:
+        return "n/a"
+    if len(vals) == 1:
+        return f"{vals[0]:.{decimals}f}"
+    return f"{statistics.mean(vals):.{decimals}f} ± {statistics.stdev(vals):.{decimals}f}"
+
+
+def tables(runs: list[dict], tissues) -> tuple[str, str, str]:
+    by_m: dict[str, list[dict]] = {}
+    for r in runs:
+        by_m.setdefault(r["method"], []).append(r)
+    short = [t.short.upper() for t in tissues]
+    head = (["method", "runs", *[f"{s} Dice" for s in short], "mean Dice", "mean HD95 (um)", "mean MSD (um)",
+             "test images without a distance", "params", "train time (s)", "inference (ms/tile, all tissues)"])
+    t1 = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    t2h = ["method", "runs", *[f"{s} HD95 / MSD (um)" for s in short]]
+    t2 = ["| " + " | ".join(t2h) + " |", "|---|" + "---:|" * (len(t2h) - 1)]
+    t3h = ["method", *[f"{s}" for s in short], "total"]
+    t3 = ["| " + " | ".join(t3h) + " |", "|---|" + "---:|" * (len(t3h) - 1)]
+    for m in [m for m in METHODS if m in by_m]:
+        rs = by_m[m]
+        pt = lambda t, k: [r["summary"]["per_tissue"].get(t.name, {}).get(k, float("nan")) for r in rs]  # noqa: E731
+        cells = [LABELS[m], str(len(rs))]
+        cells += [_stat(pt(t, "dice"), 3) for t in tissues]
+        cells += [_stat([r["summary"]["mean_dice"] for r in rs], 3),
+                  _stat([r["summary"]["mean_hd95_um"] for r in rs], 1),
+                  _stat([r["summary"]["mean_msd_um"] for r in rs], 1),
+                  _stat([sum(v["n_undefined_distance"] for v in r["summary"]["per_tissue"].values()) for r in rs], 0),
+                  f"{rs[0]['n_parameters']:,}",
+                  _stat([r["train_s"] for r in rs], 0),
+                  _stat([r["infer_ms_per_tile"] for r in rs], 1)]
+        t1.append("| " + " | ".join(cells) + " |")
+        c2 = [LABELS[m], str(len(rs))] + [f"{_stat(pt(t, 'hd95_um'), 1)} / {_stat(pt(t, 'msd_um'), 1)}" for t in tissues]
+        t2.append("| " + " | ".join(c2) + " |")
+        und = [sum(r["summary"]["per_tissue"].get(t.name, {}).get("n_undefined_distance", 0) for r in rs) for t in tissues]
+        t3.append("| " + " | ".join([LABELS[m], *map(str, und), str(sum(und))]) + " |")
+    return "\n".join(t1), "\n".join(t2), "\n".join(t3)
+
+
+def report(runs, tissues, a, command, mach, counts, started, load) -> str:
+    t1, t2, t3 = tables(runs, tissues)
+    seeds = sorted({r["seed"] for r in runs})
+    n_test = ", ".join(f"{t.short.upper()} {counts['test'].get(t.name, 0)}" for t in tissues)
+    infer = runs[0]
+    return f"""# Omni-Seg against the paper's baselines (renal demo data)
+
+Generated by `benchmarks/compare_methods.py`; every figure below comes from the one
+run of the command shown here. Started {started}.
+
+```
+{command}
+```
+
+**Machine:** {mach}. Load average (1, 5, 15 min) when the run started: {load}.
+Times are wall-clock on that machine with the thread count above.
+
+**Data:** `{a.data}` with its `splits.csv`: train {counts['n_train']} patches, validation
+{counts['n_val']} (model selection), test {counts['n_test']} (scored; per tissue: {n_test}).
+Each patch is labelled for one tissue only.
+
+**Budget, identical for every method:** {a.epochs} epochs, random crops of {a.crop} px,
+batch {a.batch_size} (tissue-homogeneous batches), {a.optimizer} lr {a.lr} with poly decay
+(power 0.9), the package's augmentation (`training/augment.py`) and boundary ring weight,
+validation every {a.val_every} epochs with the best mean validation Dice kept, seed(s)
+{", ".join(map(str, seeds))}. For a given seed the batches, crops and augmentations are the
+same pixels in the same order for all four methods, and the networks start from the
+same random-number state. Runs per figure: the `runs` column
+(one per seed; with more than one, figures are mean ± sample standard deviation).
+"Test images without a distance": images where exactly one of prediction and ground
+truth is empty, left out of the HD95/MSD means (see below).
+
+## Test split, Table-1 style
+
+Per-tissue foreground Dice; means are unweighted over the six tissues. HD95 and MSD
+are in microns at each tissue's pixel size (DT, PT, VES 1.0, CAP, TUFT 2.0, PTC 0.25
+um/px). Inference: time to produce the masks of all six tissues for one
+{infer['infer_tile'][0]}x{infer['infer_tile'][1]} tile, median of {a.infer_repeats} timed
+passes over a batch of {infer['infer_batch']} test tiles after one warm-up pass.
+
+{t1}
+
+## Per-tissue HD95 / MSD (um), test split
+
+{t2}
+
+Test images whose prediction is empty while the ground truth is not (or the reverse)
+have no surface distance; they are left out of the HD95/MSD means above (their Dice,
+0, is counted). Their number per tissue, summed over runs:
+
+{t3}
+
+## What each method is
+
+All four share the residual U-Net backbone (`model/network.py`, 8-channel decoder
+output); only the output part and the loss differ.
+
+- **Omni-Seg**: `training.loop.train`, the package's method: one backbone, a
+  controller producing a per-(tissue, scale) dynamic head 8-8-8-2; Dice + BCE on the
+  labelled tissue's head. Foreground where logit 1 > logit 0.
+- **Multi-network**: six binary U-Nets (backbone + 1x1 conv 8->2), network c trained
+  only on the batches labelled for tissue c with the same Dice + BCE loss, and
+  selected on tissue c's validation Dice. Prediction for c: network c, logit 1 >
+  logit 0. Inference for all tissues = six forwards.
+- **Multi-head + TAL** (Fang & Yan 2020): backbone + 1x1 conv 8->7, softmax over
+  background + six tissues. On an image labelled for c, background and the other
+  tissues are merged into "not c"; loss = binary cross-entropy of p_c (ring weighted)
+  + the same soft Dice on (1 - p_c, p_c) as Omni-Seg's loss. Prediction for c:
+  p_c > 0.5 (the merged binary decision).
+- **Multi-class softmax** (Gonzalez et al. 2018): the same 8->7 network; on an image
+  labelled for c the target is c on the mask and background everywhere else
+  (unlabelled tissues become background); loss = ring-weighted softmax cross-entropy
+  + the same soft Dice on p_c. Prediction for c: argmax = c.
+
+A softmax gives each pixel one class, so the two single-network baselines cannot
+label a pixel both glomerular unit and glomerular tuft, although the tuft lies
+inside the unit.
+
+## Limits of this comparison
+
+- A small demo set (a few dozen training patches, a handful of test patches per
+  tissue) and a short CPU budget: differences of a few Dice points between methods
+  are within what another seed or split could change. The paper trained on about
+  150,000 patches; this run is not a reproduction of its Table 1.
+- Timing shares the machine with whatever else ran at the time (see the load
+  average above).
+
+Per-image scores and training histories: `{a.out_json or '(not written)'}`.
+"""
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/renal-demo"))
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--optimizer", default="adamw")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--val-every", type=int, default=5)
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...)")
+    p.add_argument("--seed", type=int, default=1234, help="first seed")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--infer-batch", type=int, default=8)
+    p.add_argument("--infer-repeats", type=int, default=3)
+    p.add_argument("--out-md", default="docs/comparison.md")
+    p.add_argument("--out-json", default="")
+    a = p.parse_args(argv)
+    methods = [m for m in a.methods.split(",") if m]
+    bad = set(methods) - set(METHODS)
+    if bad:
+        p.error(f"unknown methods {sorted(bad)}; choose from {METHODS}")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    command = shlex.join(["python", "benchmarks/compare_methods.py", *(sys.argv[1:] if argv is None else argv)])
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    mach = machine()
+
+    samples = load_dataset(a.data)
+    tr = load_arrays(select(samples, "train"))
+    va = load_arrays(select(samples, "val"))
+    te = load_arrays(select(samples, "test"))
+    counts = {"n_train": len(tr), "n_val": len(va), "n_test": len(te), "test": {}}
+    for s in te:
+        counts["test"][s.tissue.name] = counts["test"].get(s.tissue.name, 0) + 1
+    print(f"{command}\n{mach}\ntrain {len(tr)}, val {len(va)}, test {len(te)} patches", flush=True)
+
+    runs = []
+    for k in range(a.seeds):
+        for m in methods:
+            r = run_one(m, a.seed + k, tr, va, te, a)
+            runs.append(r)
+            print(f"{m} seed {a.seed + k}: test mean Dice {r['summary']['mean_dice']:.3f}, train {r['train_s']:.0f} s, "
+                  f"{r['infer_ms_per_tile']:.1f} ms/tile", flush=True)
+            if a.out_json:  # after every run, so a long comparison keeps what it finished
+                Path(a.out_json).parent.mkdir(parents=True, exist_ok=True)
+                Path(a.out_json).write_text(json.dumps({"command": command, "machine": mach, "started": started,
+                                                        "load_average": load, "counts": counts, "runs": runs},
+                                                       indent=1, default=str))
+    t1, t2, t3 = tables(runs, TISSUES)
+    print("\n" + t1 + "\n\n" + t2 + "\n\n" + t3)
+    if a.out_md:
+        Path(a.out_md).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out_md).write_text(report(runs, TISSUES, a, command, mach, counts, started, load))
+        print(f"\nwrote {a.out_md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
