@@ -183,6 +183,11 @@ class SegmentWidget(OmnisegWidget):
         path = str(md.get("path") or "")
         info = SlideInfo(path or str(md.get("slide_id") or layer.name), tuple(src.shapes[0]), float(src.mpp), path)
         session = CorrectionSession.open(folder, info)
+        if st.session is not None:
+            try:  # the previous image's last strokes, before its session is let go
+                st.session.save()
+            except Exception as e:  # noqa: BLE001
+                self.error(f"Could not save the corrections of the previous image: {describe_error(e)}")
         st.session, st.image_layer, st.source = session, layer, src
         for wr in session.regions.values():
             show_region(self.viewer, layer, wr, layer_meta(session, src))
