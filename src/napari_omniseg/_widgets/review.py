@@ -63,6 +63,11 @@ class ReviewWidget(OmnisegWidget):
         self._timer.setInterval(AUTOSAVE_TICK_MS)
         self._timer.timeout.connect(self.autosave)
         self._timer.start()
+        from qtpy.QtWidgets import QApplication
+
+        app = QApplication.instance()
+        if app is not None:  # the last strokes before napari quits
+            app.aboutToQuit.connect(lambda: self.autosave(force=True))
         self._updating = False
         self.refresh()
 
