@@ -67,7 +67,7 @@ class ReviewWidget(OmnisegWidget):
 
         app = QApplication.instance()
         if app is not None:  # the last strokes before napari quits
-            app.aboutToQuit.connect(lambda: self.autosave(force=True))
+            app.aboutToQuit.connect(self._save_on_quit)
         self._updating = False
         self.refresh()
 
@@ -146,6 +146,14 @@ class ReviewWidget(OmnisegWidget):
             self._reviewed_changed(t.name, bool(value))
 
     # ------------------------------------------------------------------ autosave
+    def _save_on_quit(self) -> None:
+        s = self.session
+        if s is not None:
+            try:
+                s.save()
+            except Exception:  # noqa: BLE001 - nothing can be shown any more at this point
+                log.exception("could not save corrections on quit")
+
     def autosave(self, force: bool = False) -> list[str]:
         s = self.session
         if s is None:
