@@ -49,6 +49,16 @@ def test_slide_stem_and_default_project_dir(tmp_path):
     # an in-memory image goes under OMNISEG_HOME
     d = default_project_dir(None, name="my image")
     assert d.name == "my_image.omniseg" and "projects" in d.parts
+    # a read-only slide folder is left alone, even for root
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "s2.svs").write_bytes(b"x")
+    ro.chmod(0o555)
+    try:
+        d = default_project_dir(ro / "s2.svs")
+        assert d.parent.name == "projects" and d.name.startswith("s2-") and d.suffix == ".omniseg"
+    finally:
+        ro.chmod(0o755)
 
 
 def test_autosave_is_debounced_and_survives_a_crash(tmp_path):

@@ -338,7 +338,8 @@ class SegmentWidget(OmnisegWidget):
             om = {META_KEY: {"kind": "map", "image": layer.name}}
             if lyr is None:
                 lyr = self.viewer.add_labels(m, name=MAP_LAYER, scale=scale, translate=translate, opacity=0.5,
-                                             colormap=colormap(map_color_dict(seg.ckpt.tissues)), metadata=om)
+                                             colormap=colormap(map_color_dict(seg.ckpt.tissues)), metadata=om,
+                                             units=layer.units[-2:])
             else:
                 lyr.scale, lyr.translate, lyr.data = scale, translate, m
             lyr.editable = False
@@ -422,8 +423,9 @@ class SegmentWidget(OmnisegWidget):
                              and l.metadata[META_KEY].get("image") == layer.name), None)
             if existing is not None:
                 self.viewer.layers.remove(existing)
-            self.viewer.add_labels(data, name=f"{kw['name']} (whole slide)", scale=scale, translate=translate, multiscale=True,
-                                   colormap=kw["colormap"], opacity=kw.get("opacity", 0.5), metadata=kw["metadata"])
+            self.viewer.add_labels(data, name=f"{kw['name']} (whole slide)", scale=scale, translate=translate,
+                                   multiscale=kw["multiscale"], colormap=kw["colormap"], opacity=kw.get("opacity", 0.5),
+                                   metadata=kw["metadata"], units=layer.units[-2:])
 
     def _progress(self, ev: dict) -> None:
         if ev.get("phase") == "segment":

@@ -80,6 +80,15 @@ def projects_home() -> Path:
     return default_home() / "projects"
 
 
+def _writable(d: Path) -> bool:
+    """Writable, and not marked read-only (root may write anywhere; a data folder whose
+    mode says read-only is still left alone)."""
+    try:
+        return os.access(d, os.W_OK) and bool(d.stat().st_mode & 0o222)
+    except OSError:
+        return False
+
+
 def default_project_dir(slide: "str | Path | None", name: str | None = None) -> Path:
     """``<slide folder>/<slide stem>.omniseg`` when that folder is writable, else a
     folder under ``$OMNISEG_HOME/projects`` named after the slide (and a hash of its
@@ -88,7 +97,7 @@ def default_project_dir(slide: "str | Path | None", name: str | None = None) -> 
     if slide:
         p = Path(slide).resolve()
         cand = p.parent / f"{slide_stem(p)}.omniseg"
-        if cand.exists() or os.access(p.parent, os.W_OK):
+        if cand.exists() or _writable(p.parent):
             return cand
         h = zlib.crc32(str(p).encode()) & 0xFFFFFFFF
         return projects_home() / f"{safe_name(slide_stem(p))}-{h:08x}.omniseg"
