@@ -135,3 +135,25 @@ def test_same_seed_same_baseline(two_patches):
     a, _ = train_baseline("multihead_tal", two_patches, [], cfg)
     b, _ = train_baseline("multihead_tal", two_patches, [], cfg)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_baselines_see_the_same_pixels_as_omniseg(two_patches, monkeypatch):
+    """Same seed -> the same batches, crops and augmentations as training.loop.train."""
+    from napari_omniseg.training import baselines, loop
+
+    seen: dict[str, list] = {"omniseg": [], "baseline": []}
+
+    def recorder(key, fn):
+        def wrapped(*args, **kw):
+            out = fn(*args, **kw)
+            seen[key].append(out[0].clone())
+            return out
+        return wrapped
+
+    cfg = TrainConfig(epochs=2, batch_size=1, crop=32, augment=True, seed=3, threads=1)
+    monkeypatch.setattr(loop, "_batch_tensors", recorder("omniseg", loop._batch_tensors))
+    train(two_patches, [], None, cfg)
+    monkeypatch.setattr(baselines, "_batch_tensors", recorder("baseline", baselines._batch_tensors))
+    train_baseline("multiclass", two_patches, [], cfg)
+    assert len(seen["omniseg"]) == len(seen["baseline"]) == 4
+    assert all(torch.equal(a, b) for a, b in zip(seen["omniseg"], seen["baseline"]))
