@@ -97,6 +97,34 @@ def _bridge(fn: Callable, stop_event: threading.Event, min_interval: float):
     return box.get("result")
 
 
+def _activity_gif(paused: bool) -> None:
+    """Pause (or resume) the animated "in progress" GIF of napari's status bar.
+
+    While any napari progress bar runs, napari animates a GIF in the status bar.
+    With software OpenGL (no GPU, remote desktops, Xvfb) every frame repaints the
+    window: measured here at about 45 % of one core, taken from the model on a
+    2-core machine (benchmarks/viewer_latency.py).  The progress bar itself stays;
+    only the spinner is held still while our job runs.  Uses napari internals, so
+    every failure is ignored.
+    """
+    try:
+        from napari._qt.dialogs.qt_activity_dialog import ActivityToggleItem
+        from qtpy.QtWidgets import QApplication
+
+        for top in QApplication.topLevelWidgets():
+            for item in top.findChildren(ActivityToggleItem):
+                ind = item._inProgressIndicator
+                mov = ind.movie()
+                if mov is None:
+                    continue
+                if paused:
+                    mov.setPaused(True)
+                elif ind.isVisible():  # other progress bars still running: let them animate
+                    mov.setPaused(False)
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+
+
 def start_job(
     name: str,
     fn: Callable[[Callable, Callable], Any],
@@ -112,8 +140,11 @@ def start_job(
     from napari.qt.threading import create_worker
     from napari.utils import progress
 
+    from qtpy.QtCore import QTimer
+
     job = Job(name)
     job.pbar = progress(total=total or 0, desc=name)
+    _activity_gif(True)
 
     def _yielded(ev):
         if ev is None:
@@ -155,6 +186,7 @@ def start_job(
             job.pbar.close()
         except Exception:
             pass
+        QTimer.singleShot(0, lambda: _activity_gif(False))
         if on_finally is not None:
             on_finally()
 
