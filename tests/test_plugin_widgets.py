@@ -106,10 +106,15 @@ def test_end_to_end_segment_correct_export_finetune_resegment(plugin, qtbot, reg
     res = exp.last_result
     assert res.per_tissue == {"distal_tubule": 1, "proximal_tubule": 1}  # 256 px region, 256 px patches
     assert "Exported 2 patches" in exp.status.value
-    # more corrections: a second region of the slide
+    # more corrections: a second region of the slide, with the complete label map
+    seg._map.value = True
     job = _wait(qtbot, seg.run(region=(256, 0, 512, 256)))
-    assert len(viewer.layers) == n_layers  # same layers, updated in place
+    assert len(viewer.layers) == n_layers + 1  # same tissue layers updated in place, plus the map
     assert _layer(viewer, "Distal tubule").data.shape == (256, 512)
+    tmap = _layer(viewer, "tissue map")
+    assert tmap.data.shape == (256, 512) and not tmap.editable
+    assert set(np.unique(tmap.data)) <= {0, 1, 2, 255}
+    n_layers += 1
     rev.set_reviewed("distal_tubule")
     rev.set_reviewed("proximal_tubule")
     rev.commit()
