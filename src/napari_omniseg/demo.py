@@ -71,7 +71,8 @@ def run_demo(out: Path, checkpoint=None, device="auto", on_progress=None) -> dic
 
     idx = sample_index()
     ck = load_checkpoint(resolve_checkpoint(checkpoint))
-    seg = Segmenter(ck, EngineConfig(device=device, core=256, margin=32, batch_size=4))
+    # the mosaics are all tissue (with thin white gaps): run every tile
+    seg = Segmenter(ck, EngineConfig(device=device, core=256, margin=32, batch_size=4, skip_background=False))
     out.mkdir(parents=True, exist_ok=True)
     rows, runs = [], []
     t0 = time.perf_counter()

@@ -72,7 +72,9 @@ def segment_to_store(
             "failed": [list(f) for f in rep.tiles_failed], "seconds": round(rep.seconds, 2)}
     if segmenter.cfg.skip_background:
         m, m_mpp = segmenter.tissue_mask(source)
-        info["tissue_area_mm2"] = float(m.sum()) * (m_mpp / 1000.0) ** 2
+        area = float(m.sum()) * (m_mpp / 1000.0) ** 2
+        if area > 0:  # no tissue found: densities fall back to the slide area
+            info["tissue_area_mm2"] = area
     store.finalize(ts, run_info=info)
     om = store.meta
     if "tissue_area_mm2" in info:

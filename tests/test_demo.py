@@ -1,0 +1,31 @@
+"""The shipped model and the bundled sample, end to end (no network, no data beside the package)."""
+
+import json
+
+import pytest
+
+from napari_omniseg.cli import main
+from napari_omniseg.model import load_checkpoint, shipped_checkpoint
+
+
+def test_shipped_model_loads_and_is_small():
+    p = shipped_checkpoint()
+    assert p is not None, "the package must ship a model"
+    assert p.stat().st_size < 20e6
+    ck = load_checkpoint(p)
+    assert ck.provenance["train_split"] == "train" and ck.provenance["n_train"] == 68
+    assert ck.metrics["test_mean_dice"] == pytest.approx(0.352, abs=0.001)
+
+
+def test_demo_segments_the_bundled_sample(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n_patches"] == 23 and len(res["per_tissue"]) == 6
+    # measured with the shipped model: mean 0.266; the strong tissues must stay found
+    assert res["per_tissue"]["proximal_tubule"]["dice"] > 0.45
+    assert res["per_tissue"]["distal_tubule"]["dice"] > 0.3
+    assert 0.2 < res["mean_dice"] < 1.0
+    for name in ("renal_5x", "renal_10x", "renal_40x"):
+        assert (tmp_path / f"{name}.ome.zarr" / "zarr.json").exists()
+        assert (tmp_path / f"{name}_overlay.png").stat().st_size > 1000
+        assert "objects" in (tmp_path / f"{name}_measurements.csv").read_text()
