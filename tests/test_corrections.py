@@ -134,6 +134,7 @@ def test_commit_only_reviewed_and_supersede(tmp_path):
     s.regions["proximal_tubule"].data[0, 0] ^= 1
     (r2,) = s.commit()
     assert r2.id == r1.id + 1
+    assert s.commit() == []  # nothing new: the reviewed region is committed already
     ex = s.exportable()
     assert [c.id for c in ex] == [r2.id]  # the older commit of the same region is superseded
     st = json.loads((s.folder / "session.json").read_text())

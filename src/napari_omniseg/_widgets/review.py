@@ -175,15 +175,17 @@ class ReviewWidget(OmnisegWidget):
         if s is None:
             self.error("Nothing to commit: segment a region first.")
             return []
-        names = list(names) if names else [n for n, r in s.regions.items() if r.reviewed]
-        if not names:
+        if not names and not any(r.reviewed for r in s.regions.values()):
             self.error("Mark the tissues you reviewed first (tick their boxes); only reviewed tissues are committed.")
             return []
         try:
-            recs = s.commit(names)
+            recs = s.commit(list(names) if names else None)
         except Exception as e:  # noqa: BLE001
             log.exception("commit failed")
             self.error(f"Commit failed: {describe_error(e)}")
+            return []
+        if not recs:
+            self.info("Nothing new to commit: the reviewed tissues' regions are committed already.")
             return []
         stored = [r.tissue for r in recs if r.store_written]
         self.info(f"Committed {', '.join(r.tissue for r in recs)}" +

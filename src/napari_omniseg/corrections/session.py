@@ -440,8 +440,9 @@ class CorrectionSession:
         (``store`` or the project's ``store_path``) holding the tissue, the region is
         also written back into it (level 0, its pyramid and the complete map).
         """
-        if names is None:
-            names = [n for n, r in self.regions.items() if r.reviewed]
+        if names is None:  # reviewed tissues with something new to accept
+            names = [n for n, r in self.regions.items() if r.reviewed and (r.has_uncommitted_edits()
+                                                                          or not self._committed(n, r))]
         names = [get_tissue(n, self.tissues).name for n in names]
         missing = [n for n in names if n not in self.regions]
         if missing:
@@ -474,6 +475,11 @@ class CorrectionSession:
             out.append(rec)
         self._write_state()
         return out
+
+    def _committed(self, name: str, wr: WorkingRegion) -> bool:
+        """Whether this very region of ``name`` was committed already (and not replaced)."""
+        return any(c.tissue == name and not c.superseded and tuple(c.origin) == tuple(wr.origin)
+                   and tuple(c.shape) == wr.data.shape and c.reviewed for c in self.commits)
 
     def load_commit(self, rec: CommitRecord) -> np.ndarray:
         return _load_npz(self.folder / rec.file)["data"]
