@@ -131,15 +131,21 @@ def main() -> int:
     patches = image.metadata["patches"]
     settle()
 
-    # 1. the sample and the Segment widget; zoom to the H&E row
+    # 1. the sample (its annotations shown) and the Segment widget
     docks["Segment"].raise_()
     cam = camera(viewer)
-    cam.center = (256, 384)
-    cam.zoom = 1.4
+    gt_layer.visible = True
+    viewer.reset_view()
     settle()
     _save(viewer, "01-sample.png")
+    gt_layer.visible = False
 
-    # 2. segment the field of view
+    # 2. segment the field of view: the H&E and PAS rows; the sample holds 10x patches,
+    #    annotated for the 10x tissues, so those are the tissues asked for
+    seg.set_tissues(["distal_tubule", "proximal_tubule", "artery"])
+    cam.center = (330, 512)
+    cam.zoom = 1.1
+    settle()
     seg._scope.value = SCOPE_FOV
     t0 = time.perf_counter()
     wait(seg.run(), "segmentation")
@@ -148,7 +154,8 @@ def main() -> int:
     settle()
     _save(viewer, "02-segmented.png")
 
-    # 3. the whole-slide estimate
+    # 3. the whole-slide estimate (all tissues the image's resolution allows)
+    seg.set_tissues(["distal_tubule", "proximal_tubule", "glomerular_unit", "glomerular_tuft", "artery"])
     seg._scope.value = SCOPE_SLIDE
     wait(seg.run(), "estimate")
     settle()
@@ -159,6 +166,8 @@ def main() -> int:
     # 4. corrections, patch by patch, for the tissue each patch was annotated for
     gt = np.asarray(gt_layer.data)
     corrected, held = patches[0::2], patches[1::2]
+    # the patch shown in the screenshots: the first corrected proximal tubule patch
+    show_i = next(i for i, p in enumerate(corrected) if "proximal_tubule" in p["tissues"])
     t_review = time.perf_counter()
     for i, p in enumerate(corrected):
         y, x, h, w = p["box"]
@@ -174,19 +183,40 @@ def main() -> int:
             oy, ox = wr.origin
             sub = truth[: wr.data.shape[0], : wr.data.shape[1]]
             idx = np.nonzero(wr.data[: sub.shape[0], : sub.shape[1]] != sub)
+            if i == show_i and tname == "proximal_tubule":
+                before = lyr.data.copy()
             lyr.data_setitem(idx, sub[idx])  # through napari's edit history, as a brush would
             rev.set_reviewed(tname)
-        if i == 0:
+        if i == show_i:
+            lyr = next(lyr for lyr in viewer.layers if lyr.metadata.get("omniseg", {}).get("kind") == "working"
+                       and lyr.metadata["omniseg"]["tissue"] == "proximal_tubule")
+            tname = "proximal_tubule"
+            # show the model's labels, then the corrected ones, of that patch's tissue only
             docks["Review and correct"].raise_()
+            for other in viewer.layers:
+                om = other.metadata.get("omniseg", {}) if hasattr(other, "metadata") else {}
+                if om.get("kind") == "working":
+                    other.visible = other is lyr
             viewer.layers.selection.active = lyr
             lyr.mode = "paint"
             lyr.brush_size = 12
-            cam.center = (y + h / 2, x + w / 2)
-            cam.zoom = 2.6
+            lyr.opacity = 0.6
+            cam.center = (y + h / 2 + 30, x + w / 2)
+            cam.zoom = 2.5
+            corrected_data = lyr.data.copy()
+            lyr.data = before  # napari keeps the same layer; the session array is restored below
+            settle()
+            _save(viewer, "04a-before-correction.png")
+            lyr.data = s.regions[tname].data
+            np.testing.assert_array_equal(lyr.data, corrected_data)
             rev.autosave(force=True)
             rev.refresh()
             settle()
             _save(viewer, "04-review.png")
+            for other in viewer.layers:
+                om = other.metadata.get("omniseg", {}) if hasattr(other, "metadata") else {}
+                if om.get("kind") == "working":
+                    other.visible = True
         rev.commit()
     review_s = time.perf_counter() - t_review
 

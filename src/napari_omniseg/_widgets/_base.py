@@ -40,6 +40,11 @@ def describe_error(e: BaseException) -> str:
     return text if text else type(e).__name__
 
 
+def short_label(t) -> str:
+    """A tissue's label without the parenthesised detail (fits narrow docks)."""
+    return t.label.split(" (")[0]
+
+
 def color_icon(color: str, size: int = 12):
     from qtpy.QtGui import QColor, QIcon, QPixmap
 

@@ -21,6 +21,17 @@ def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+def _advice(before, after, margin: float = 0.01) -> str:
+    """A plain reading of the before/after Dice for the user."""
+    if before is None or after is None:
+        return "No held-out patches: export more corrections to measure the new model. "
+    if after > before + margin:
+        return "The new model is better on your held-out patches. "
+    if after < before - margin:
+        return "The new model is WORSE on your held-out patches: keep the current one. "
+    return "No clear difference on your held-out patches (a few dozen patches are a small test). "
+
+
 class FinetuneWidget(OmnisegWidget):
     """Fine-tune the active model on your exported corrections."""
 
@@ -41,6 +52,7 @@ class FinetuneWidget(OmnisegWidget):
         self._progress = Label(value="")
         self._result = Label(value="")
         self._result.native.setWordWrap(True)
+        self._result.native.setMinimumHeight(150)
         self._activate = PushButton(text="Make the new model active", enabled=False)
         self._rollback = PushButton(text="Roll back to the previous model", enabled=False)
         self.extend([self._data, self._epochs, self._crop, self._freeze, self._mix, self._ref, self._device, self._threads,
@@ -104,14 +116,15 @@ class FinetuneWidget(OmnisegWidget):
             last = res.history.get("epochs", [{}])[-1] if res.history.get("epochs") else {}
             self._progress.value = (f"Finished {len(res.history.get('epochs', []))} epoch(s) in {res.seconds:.0f} s"
                                     + (f", last loss {last['loss']:.3f}" if "loss" in last else ""))
-            per = "; ".join(f"{t}: {_fmt(v.get('before'))} -> {_fmt(v.get('after'))}"
-                            for t, v in sorted(res.per_tissue.items()))
-            self._result.value = (
-                f"New model {res.version} ({res.n_train} training patches"
-                f"{f' + {res.n_reference} reference' if res.n_reference else ''}, {res.seconds:.0f} s).\n"
-                f"Mean Dice on {res.n_val} held-out patches: {_fmt(res.before_dice)} before, "
-                f"{_fmt(res.after_dice)} after" + (f" ({per})" if per else "") + ".\n"
-                "The active model is unchanged until you make the new one active.")
+            lines = [f"New model {res.path.stem}",
+                     f"({res.n_train} training patches" + (f" + {res.n_reference} reference" if res.n_reference else "")
+                     + f", {res.seconds:.0f} s)",
+                     f"Mean Dice on {res.n_val} held-out patches: {_fmt(res.before_dice)} -> {_fmt(res.after_dice)}"]
+            lines += [f"    {t.replace('_', ' ')}: {_fmt(v.get('before'))} -> {_fmt(v.get('after'))}"
+                      for t, v in sorted(res.per_tissue.items())]
+            lines += [_advice(res.before_dice, res.after_dice).strip(),
+                      "The active model is unchanged until you make the new one active."]
+            self._result.value = "\n".join(lines)
             self._activate.enabled = True
             self.info(f"Fine-tuning done: {res.path.name}")
             st.changed.emit("model")

@@ -18,7 +18,7 @@ import numpy as np
 from magicgui.widgets import CheckBox, Container, Label, PushButton
 
 from ..tissues import TISSUES, get_tissue
-from ._base import OmnisegWidget, color_icon, describe_error, log
+from ._base import OmnisegWidget, color_icon, describe_error, log, short_label
 from ._layers import META_KEY, find_tissue_layer, show_region
 
 AUTOSAVE_TICK_MS = 1000
@@ -36,13 +36,16 @@ class ReviewWidget(OmnisegWidget):
         self._rows: dict[str, tuple[CheckBox, Label]] = {}
         rows = []
         for t in TISSUES:
-            cb = CheckBox(text=t.label, value=False, enabled=False)
+            cb = CheckBox(text=short_label(t), value=False, enabled=False)
+            cb.tooltip = f"Tick when every {t.label.lower()} pixel of the region is right (its background too)"
             cb.native.setIcon(color_icon(t.color))
             info = Label(value="-")
             cb.changed.connect(lambda v, n=t.name: self._reviewed_changed(n, v))
             self._rows[t.name] = (cb, info)
             rows.append(Container(widgets=[cb, info], layout="horizontal", labels=False))
-        self._table = Container(widgets=rows, labels=False, label="Reviewed")
+        self._table = Container(widgets=rows, labels=False)
+        self._table_title = Label(value="Reviewed (tick when every pixel of the tissue in its region is right):")
+        self._table_title.native.setWordWrap(True)
         self._hint = Label(value="Paint with label 1 to add tissue, 0 to erase; Ctrl+Z undoes.")
         self._hint.native.setWordWrap(True)
         self._commit = PushButton(text="Commit reviewed tissues")
@@ -50,7 +53,7 @@ class ReviewWidget(OmnisegWidget):
         self._from_store = PushButton(text="Edit the region in view (whole-slide result)")
         self._save = PushButton(text="Save now")
         self._saved = Label(value="")
-        self.extend([self._project, self._table, self._hint, self._commit, self._discard, self._from_store,
+        self.extend([self._project, self._table_title, self._table, self._hint, self._commit, self._discard, self._from_store,
                      self._save, self._saved, self.status])
         self._commit.changed.connect(lambda: self.commit())
         self._discard.changed.connect(lambda: self.discard())
@@ -114,14 +117,14 @@ class ReviewWidget(OmnisegWidget):
                 if counts:
                     try:
                         n = s.edited_pixels(name)
-                        parts.append(f"{n} px edited" if n else "unedited")
+                        parts.append(f"{n} px edited" if n else "as predicted")
                     except Exception:  # noqa: BLE001
                         pass
                 if wr.has_uncommitted_edits():
-                    parts.append("uncommitted")
+                    parts.append("to commit")
                 committed = [c for c in s.commits if c.tissue == name and not c.superseded]
                 if committed:
-                    parts.append(f"{len(committed)} commit(s)")
+                    parts.append(f"{len(committed)} committed")
                 info.value = ", ".join(parts) or "-"
         finally:
             self._updating = False

@@ -16,7 +16,7 @@ from pathlib import Path
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, LineEdit, PushButton, RadioButtons, SpinBox
 
 from ..tissues import TISSUES
-from ._base import OmnisegWidget, background_threads, color_icon, describe_error, log
+from ._base import OmnisegWidget, background_threads, color_icon, describe_error, log, short_label
 from ._layers import META_KEY, MAP_LAYER, colormap, compose, complete_map_of, find_map_layer, map_color_dict, show_region
 from ._regions import RegionError, fov_region, rect_region, whole_region
 
@@ -71,7 +71,8 @@ class SegmentWidget(OmnisegWidget):
                                  tooltip="Microns per pixel of the image, only when the file does not record it (0 = from the file)")
         self._tissue_boxes: dict[str, CheckBox] = {}
         for t in TISSUES:
-            cb = CheckBox(text=f"{t.label} ({t.magnification}x)", value=True)
+            cb = CheckBox(text=f"{short_label(t)} ({t.magnification}x)", value=True)
+            cb.tooltip = f"{t.label}: segmented at {t.magnification}x ({t.mpp:g} um/px)"
             cb.native.setIcon(color_icon(t.color))
             self._tissue_boxes[t.name] = cb
         self._tissues = Container(widgets=list(self._tissue_boxes.values()), label="Tissues")
