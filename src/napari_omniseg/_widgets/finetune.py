@@ -52,7 +52,7 @@ class FinetuneWidget(OmnisegWidget):
         self._progress = Label(value="")
         self._result = Label(value="")
         self._result.native.setWordWrap(True)
-        self._result.native.setMinimumHeight(150)
+        self._result.native.setMinimumHeight(210)
         self._activate = PushButton(text="Make the new model active", enabled=False)
         self._rollback = PushButton(text="Roll back to the previous model", enabled=False)
         self.extend([self._data, self._epochs, self._crop, self._freeze, self._mix, self._ref, self._device, self._threads,
