@@ -52,3 +52,10 @@ def test_plugin_is_discovered_by_npe2():
     pm = PluginManager.instance()
     pm.discover()
     assert "napari-omniseg" in {m.name for m in pm.iter_manifests()}
+
+
+def test_widget_modules_do_not_import_torch_until_used():
+    code = ("import sys, napari_omniseg._widgets.segment, napari_omniseg._widgets.review, "
+            "napari_omniseg._widgets.export, napari_omniseg._widgets.finetune; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"

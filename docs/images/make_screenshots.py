@@ -180,7 +180,6 @@ def main() -> int:
                        and lyr.metadata["omniseg"]["tissue"] == tname)
             truth = (gt[y : y + h, x : x + w] == t.id + 1).astype(np.uint8)
             # the annotation on the tissue grid (10x tissues: the sample's own grid)
-            oy, ox = wr.origin
             sub = truth[: wr.data.shape[0], : wr.data.shape[1]]
             idx = np.nonzero(wr.data[: sub.shape[0], : sub.shape[1]] != sub)
             if i == show_i and tname == "proximal_tubule":
