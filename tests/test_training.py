@@ -111,3 +111,22 @@ def test_evaluate_reports_microns(demo):
     assert {r["tissue"] for r in rows} == set(summ["per_tissue"])
     assert 0.0 <= summ["mean_dice"] <= 1.0
     assert all(k in summ["per_tissue"]["glomerular_unit"] for k in ("dice", "hd95_um", "msd_um"))
+
+
+def test_finetune_never_hands_back_worse_weights_than_its_start(demo):
+    """The starting model is scored as epoch 0; a destructive fine-tune keeps it."""
+    tr, va = demo
+    from napari_omniseg.model import shipped_checkpoint
+
+    start = load_checkpoint(shipped_checkpoint())
+    ref = {k: v.clone() for k, v in start.model.state_dict().items()}
+    held_out = [s for s in va if s.tissue.name == "distal_tubule"][:2]
+    # lr 3 wrecks the weights in one step (finite, so no abort)
+    cfg = TrainConfig(epochs=1, batch_size=2, crop=32, lr=3.0, optimizer="adamw", augment=False, threads=2)
+    ft, hist = train(_small(tr, 1), held_out, None, cfg, init=start)
+    start_score = hist["epochs"][0]["val_mean_dice"]
+    assert hist["epochs"][0]["epoch"] == 0 and start_score > 0.2
+    assert hist["epochs"][1]["val_mean_dice"] < start_score
+    assert hist["best_epoch"] == 0 and ft.metrics["val_mean_dice"] == start_score
+    for k, v in ft.model.state_dict().items():
+        assert torch.equal(v.cpu(), ref[k].cpu()), k

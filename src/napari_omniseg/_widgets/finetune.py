@@ -113,8 +113,9 @@ class FinetuneWidget(OmnisegWidget):
 
         def done(res):
             self.result = res
-            last = res.history.get("epochs", [{}])[-1] if res.history.get("epochs") else {}
-            self._progress.value = (f"Finished {len(res.history.get('epochs', []))} epoch(s) in {res.seconds:.0f} s"
+            trained = [r for r in res.history.get("epochs", []) if r.get("epoch", 0) > 0]
+            last = trained[-1] if trained else {}
+            self._progress.value = (f"Finished {len(trained)} epoch(s) in {res.seconds:.0f} s"
                                     + (f", last loss {last['loss']:.3f}" if "loss" in last else ""))
             lines = [f"New model {res.path.stem}",
                      f"({res.n_train} training patches" + (f" + {res.n_reference} reference" if res.n_reference else "")
@@ -122,6 +123,9 @@ class FinetuneWidget(OmnisegWidget):
                      f"Mean Dice on {res.n_val} held-out patches: {_fmt(res.before_dice)} -> {_fmt(res.after_dice)}"]
             lines += [f"    {t.replace('_', ' ')}: {_fmt(v.get('before'))} -> {_fmt(v.get('after'))}"
                       for t, v in sorted(res.per_tissue.items())]
+            if res.history.get("best_epoch") == 0:
+                lines.append("No epoch beat the current model on your held-out patches, so the new version "
+                             "keeps the current model's weights.")
             lines += [_advice(res.before_dice, res.after_dice).strip(),
                       "The active model is unchanged until you make the new one active."]
             self._result.value = "\n".join(lines)

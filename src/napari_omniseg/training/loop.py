@@ -273,6 +273,19 @@ def train(
         history = meta["history"]
     t0 = time.perf_counter()
     nonfinite = history.get("nonfinite_steps", 0)
+    if init is not None and val_samples and start_epoch == 0:
+        # a fine-tune must never hand back weights worse than those it started from:
+        # the starting model is scored first and counts as "epoch 0" in the selection
+        if should_stop and should_stop():
+            raise TrainingCancelled("cancelled before training; no checkpoint written")
+        _, summ0 = evaluate_samples(ckpt, val_samples, device=dev)
+        model.train()
+        if math.isfinite(summ0["mean_dice"]):
+            best_score, best_epoch = summ0["mean_dice"], 0
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        history["epochs"].append({"epoch": 0, "val_mean_dice": summ0["mean_dice"],
+                                  "val_dice": {t: v["dice"] for t, v in summ0["per_tissue"].items()},
+                                  "best_epoch": best_epoch, "time_s": 0.0})
 
     def stop() -> bool:
         return bool(should_stop and should_stop())
