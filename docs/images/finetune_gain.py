@@ -2,7 +2,11 @@
 
 Protocol (the numbers in docs/user-guide.md, section 6):
 
-- model: the shipped checkpoint (trained on the demo *train* split only);
+- model: a checkpoint trained on the demo *train* split only (the val split must be
+  unseen, because its patches serve as corrections): the path given as the first
+  argument, e.g. the selection run of docs/training-results.md
+  (``runs/demo-train.safetensors``); the shipped model, trained on train+val, is
+  refused;
 - corrections: the 10x patches of every other image of the demo *test* split plus
   all 10x patches of the *val* split. For each, the region is segmented with the
   model, the tissue the patch was annotated for is replaced by its annotation (what
@@ -14,7 +18,7 @@ Protocol (the numbers in docs/user-guide.md, section 6):
   widget shows) and on the *other* test images, which were never corrected
   (generalisation).
 
-    OMP_NUM_THREADS=2 python docs/images/finetune_gain.py
+    OMP_NUM_THREADS=2 python docs/images/finetune_gain.py runs/demo-train.safetensors
 """
 
 from __future__ import annotations
@@ -36,15 +40,20 @@ def main() -> int:
     from napari_omniseg.corrections import CorrectionSession, SlideInfo, export_corrections
     from napari_omniseg.corrections.finetune import FinetuneConfig, finetune
     from napari_omniseg.inference.engine import EngineConfig, Segmenter, segment_region
-    from napari_omniseg.model import ModelRegistry, load_checkpoint, shipped_checkpoint
+    from napari_omniseg.model import ModelRegistry, load_checkpoint
     from napari_omniseg.tissues import get_tissue
     from napari_omniseg.training.data import Sample
     from napari_omniseg.training.loop import evaluate_samples
 
-    base = shipped_checkpoint()
-    if base is None:
-        print("no shipped checkpoint in this build", file=sys.stderr)
-        return 1
+    if len(sys.argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    base = Path(sys.argv[1])
+    splits = str(load_checkpoint(base).provenance.get("train_split", "")).split("+")
+    if "val" in splits or "test" in splits:
+        print(f"{base} was trained on {'+'.join(splits)}; this protocol corrects val and test images, "
+              "which must be unseen: give a model trained on the train split only", file=sys.stderr)
+        return 2
     reg = ModelRegistry()
     reg.set_active(base)
     seg = Segmenter(load_checkpoint(base), EngineConfig(core=256, margin=32, threads=1))
