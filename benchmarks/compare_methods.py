@@ -182,8 +182,8 @@ def report(runs, tissues, a, command, mach, counts, started, load) -> str:
         origin = (f"every figure below comes from the one\nrun of the command shown here. Started {starts[0]}.")
         loadline = f"Load average (1, 5, 15 min) when the run started: {loads0[0]}."
     else:
-        origin = ("every figure below comes from the runs\nof the commands shown here (same settings, different "
-                  "seeds), merged by `--rerender` with one JSON per command. Started "
+        origin = ("every figure below comes from the runs\nof the commands shown here (same settings; they differ only "
+                  "in the seeds or the methods they ran), merged by `--rerender` with one JSON per command. Started "
                   + "; ".join(starts) + ".")
         loadline = "Load average (1, 5, 15 min) when each command started: " + "; ".join(loads0) + "."
     t1, t2, t3 = tables(runs, tissues)
@@ -215,7 +215,7 @@ batch {a.batch_size} (tissue-homogeneous batches), {a.optimizer} lr {a.lr} with 
 (power 0.9), the package's augmentation (`training/augment.py`) and boundary ring weight,
 validation every {a.val_every} epochs with the best mean validation Dice kept, seed(s)
 {", ".join(map(str, seeds))}. For a given seed the batches, crops and augmentations are the
-same pixels in the same order for all four methods, and the networks start from the
+same pixels in the same order for every method, and the networks start from the
 same random-number state. Runs per figure: the `runs` column
 (one per seed; with more than one, figures are mean ± sample standard deviation).
 "Test images without a distance": images where exactly one of prediction and ground
