@@ -1,0 +1,65 @@
+"""benchmarks/compare_methods.py --rerender: merging saved runs into one table, and
+refusing runs that cannot share one (no training here: the JSON is written by the test)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from napari_omniseg.tissues import TISSUES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cm():
+    spec = importlib.util.spec_from_file_location("compare_methods", ROOT / "benchmarks" / "compare_methods.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(method, seed, dice):
+    per = {t.name: {"n": 1, "dice": dice, "hd_um": 10.0, "hd95_um": 5.0, "msd_um": 2.0, "n_undefined_distance": 0}
+           for t in TISSUES}
+    return {"method": method, "seed": seed, "n_parameters": 1000, "train_s": 60.0, "load_1min": [1.0, 1.0],
+            "infer_ms_per_tile": 100.0, "infer_batch": 8, "infer_tile": [256, 256],
+            "summary": {"per_tissue": per, "mean_dice": dice, "mean_hd95_um": 5.0, "mean_msd_um": 2.0},
+            "rows": [], "history": {}}
+
+
+def _save(path, command, runs, machine="m1"):
+    counts = {"n_train": 68, "n_val": 19, "n_test": 23, "test": {}}
+    path.write_text(json.dumps({"command": command, "machine": machine, "started": "s", "load_average": "0",
+                                "counts": counts, "runs": runs}))
+    return str(path)
+
+
+BASE = "python benchmarks/compare_methods.py --epochs 30 --threads 1"
+
+
+def test_merge_of_two_seed_runs_gives_mean_and_sd(cm, tmp_path):
+    a = _save(tmp_path / "a.json", f"{BASE} --out-json a.json", [_run("omniseg", 1, 0.2), _run("multi_network", 1, 0.4)])
+    b = _save(tmp_path / "b.json", f"{BASE} --seed 2 --out-json b.json", [_run("omniseg", 2, 0.4), _run("multi_network", 2, 0.4)])
+    out = tmp_path / "r.md"
+    assert cm.main(["--rerender", a, b, "--out-md", str(out)]) == 0
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| Omni-Seg"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "2" and cells[8] == "0.300 ± 0.141"  # runs, mean Dice over seeds 1 and 2
+    assert f"{BASE} --out-json a.json" in text and f"{BASE} --seed 2 --out-json b.json" in text
+
+
+def test_merge_refuses_other_settings_duplicates_and_machines(cm, tmp_path):
+    a = _save(tmp_path / "a.json", BASE, [_run("omniseg", 1, 0.2)])
+    other = _save(tmp_path / "b.json", BASE.replace("30", "60") + " --seed 2", [_run("omniseg", 2, 0.2)])
+    with pytest.raises(SystemExit, match="settings differ"):
+        cm.main(["--rerender", a, other, "--out-md", str(tmp_path / "r.md")])
+    dup = _save(tmp_path / "c.json", BASE, [_run("omniseg", 1, 0.3)])
+    with pytest.raises(SystemExit, match="already in an earlier file"):
+        cm.main(["--rerender", a, dup, "--out-md", str(tmp_path / "r.md")])
+    mach = _save(tmp_path / "d.json", BASE + " --seed 3", [_run("omniseg", 3, 0.3)], machine="m2")
+    with pytest.raises(SystemExit, match="another machine"):
+        cm.main(["--rerender", a, mach, "--out-md", str(tmp_path / "r.md")])
+    assert not (tmp_path / "r.md").exists()
