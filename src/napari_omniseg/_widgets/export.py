@@ -9,16 +9,20 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, LineEdit, PushButton
 
 from ._base import OmnisegWidget, describe_error, log
 
+if TYPE_CHECKING:
+    import napari
+
 
 class ExportWidget(OmnisegWidget):
     """Export reviewed corrections as training data, or the tissues as QuPath GeoJSON."""
 
-    def __init__(self, viewer: "napari.viewer.Viewer"):  # noqa: F821
+    def __init__(self, viewer: napari.viewer.Viewer):  # this exact annotation is how napari finds the viewer argument
         super().__init__(viewer)
         self._out = LineEdit(label="Training folder", value="")
         self._out.native.setPlaceholderText("automatic: <project>/training")

@@ -11,10 +11,14 @@ registry exactly as it was.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from magicgui.widgets import CheckBox, ComboBox, Container, Label, LineEdit, PushButton, SpinBox
 
 from ._base import OmnisegWidget, background_threads, describe_error, log
+
+if TYPE_CHECKING:
+    import napari
 
 
 def _fmt(v) -> str:
@@ -35,7 +39,7 @@ def _advice(before, after, margin: float = 0.01) -> str:
 class FinetuneWidget(OmnisegWidget):
     """Fine-tune the active model on your exported corrections."""
 
-    def __init__(self, viewer: "napari.viewer.Viewer"):  # noqa: F821
+    def __init__(self, viewer: napari.viewer.Viewer):  # this exact annotation is how napari finds the viewer argument
         super().__init__(viewer)
         self._data = LineEdit(label="Training folder", value="")
         self._data.native.setPlaceholderText("automatic: <project>/training")

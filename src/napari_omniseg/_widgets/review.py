@@ -13,13 +13,18 @@ the slide's label store when there is one).  Tissues not marked reviewed stay
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
+
 from magicgui.widgets import CheckBox, Container, Label, PushButton
 
 from ..tissues import TISSUES, get_tissue
 from ._base import OmnisegWidget, color_icon, describe_error, log, short_label
 from ._layers import META_KEY, find_tissue_layer, show_region
+
+if TYPE_CHECKING:
+    import napari
 
 AUTOSAVE_TICK_MS = 1000
 
@@ -27,7 +32,7 @@ AUTOSAVE_TICK_MS = 1000
 class ReviewWidget(OmnisegWidget):
     """Review the segmentation tissue by tissue, correct it, commit what you reviewed."""
 
-    def __init__(self, viewer: "napari.viewer.Viewer"):  # noqa: F821
+    def __init__(self, viewer: napari.viewer.Viewer):  # this exact annotation is how napari finds the viewer argument
         super().__init__(viewer)
         from qtpy.QtCore import QTimer
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, LineEdit, PushButton, RadioButtons, SpinBox
 
@@ -19,6 +20,9 @@ from ..tissues import TISSUES
 from ._base import OmnisegWidget, background_threads, color_icon, describe_error, log, short_label
 from ._layers import META_KEY, MAP_LAYER, colormap, compose, complete_map_of, find_map_layer, map_color_dict, show_region
 from ._regions import RegionError, fov_region, rect_region, whole_region
+
+if TYPE_CHECKING:
+    import napari
 
 SCOPE_FOV = "Field of view"
 SCOPE_RECT = "Drawn rectangle"
@@ -61,7 +65,7 @@ def _has_tissue_mask() -> bool:
 class SegmentWidget(OmnisegWidget):
     """Segment kidney tissues in the field of view, a drawn rectangle or the whole slide."""
 
-    def __init__(self, viewer: "napari.viewer.Viewer"):  # noqa: F821
+    def __init__(self, viewer: napari.viewer.Viewer):  # this exact annotation is how napari finds the viewer argument
         super().__init__(viewer)
         from napari.layers import Image, Shapes
 
