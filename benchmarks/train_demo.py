@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from napari_omniseg.training.augment import AugmentConfig, strong_augment
 from napari_omniseg.training.data import load_arrays, load_dataset, select
 from napari_omniseg.training.loop import TrainConfig, evaluate_samples, train
 from napari_omniseg.training.metrics import format_table
@@ -44,6 +45,20 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--extra", action="append", default=[],
+                   help="another dataset (manifest/CSV/folder) whose samples are all added to training; repeatable")
+    p.add_argument("--external", action="append", default=[],
+                   help="a dataset to score after training (never trained on here unless also --extra); repeatable")
+    p.add_argument("--reference-recipe", action="store_true",
+                   help="the earlier recipe: only the labelled tissue, per-image Dice+BCE, uniform crops, one pass per epoch, "
+                        "reference controller init")
+    p.add_argument("--no-relations", action="store_true", help="lever off: only the labelled tissue is supervised")
+    p.add_argument("--no-object-crop", action="store_true", help="lever off: uniform random crops")
+    p.add_argument("--no-balance", action="store_true", help="lever off: one pass over every sample per epoch")
+    p.add_argument("--uniform-init", action="store_true", help="lever off: reference controller init and raw pooled vector")
+    p.add_argument("--mild-color", action="store_true", help="lever off: the reference's mild colour augmentation")
+    p.add_argument("--stains", help="train only on these stains (comma-separated), e.g. for leave-one-stain-out")
+    p.add_argument("--test-stains", help="score the test split only on these stains")
     p.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
     p.add_argument("--fp16", action="store_true")
     p.add_argument("--state-dir", help="resumable state folder")
@@ -52,11 +67,34 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     samples = load_dataset(a.data)
-    tr = load_arrays(select(samples, a.train_split))
-    va = load_arrays(select(samples, a.val_split)) if a.val_split != "none" else []
-    te = load_arrays(select(samples, "test"))
+
+    def stains(group, spec):
+        if not spec:
+            return group
+        keep = {x.strip() for x in spec.split(",")}
+        return [s for s in group if s.stain in keep]
+
+    tr = load_arrays(stains(select(samples, a.train_split), a.stains))
+    for extra in a.extra:
+        tr += load_arrays(load_dataset(extra))
+    va = load_arrays(stains(select(samples, a.val_split), a.stains)) if a.val_split != "none" else []
+    te = load_arrays(stains(select(samples, "test"), a.test_stains))
+    ref = a.reference_recipe
+    aug = AugmentConfig() if (ref or a.mild_color) else strong_augment()
     cfg = TrainConfig(epochs=a.epochs, crop=a.crop, batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr,
-                      seed=a.seed, device=a.device, threads=a.threads, val_every=a.val_every)
+                      seed=a.seed, device=a.device, threads=a.threads, val_every=a.val_every, aug=aug,
+                      relations=not (ref or a.no_relations), object_crop=0.0 if (ref or a.no_object_crop) else 0.7,
+                      balanced=not (ref or a.no_balance),
+                      controller_lr_mult=1.0 if (ref or a.uniform_init) else 0.1)
+    init = None
+    if ref or a.uniform_init:
+        from napari_omniseg.model.checkpoint import new_checkpoint
+        from napari_omniseg.model.network import NetConfig
+        from napari_omniseg.tissues import TISSUES
+
+        nc = NetConfig(n_tissues=len(TISSUES), tissue_scales=tuple(t.scale_id for t in TISSUES),
+                       pool_norm="none", controller_init="uniform")
+        init = new_checkpoint(TISSUES, cfg=nc, seed=a.seed)
 
     def prog(ev):
         if ev["phase"] == "epoch":
@@ -66,7 +104,7 @@ def main(argv=None) -> int:
                   flush=True)
 
     t0 = time.perf_counter()
-    ck, hist = train(tr, va, a.out, cfg, on_progress=prog, state_dir=a.state_dir,
+    ck, hist = train(tr, va, a.out, cfg, init=init, on_progress=prog, state_dir=a.state_dir,
                      provenance={"data": "renal-demo", "train_split": a.train_split, "val_split": a.val_split,
                                  "command": " ".join(["python", "benchmarks/train_demo.py", *(argv or sys.argv[1:])])},
                      save_dtype=torch.float16 if a.fp16 else torch.float32)
@@ -78,8 +116,15 @@ def main(argv=None) -> int:
             f"seed {a.seed}; best epoch {hist['best_epoch']}; training wall time {train_s / 60:.1f} min on {machine()}")
     print(head)
     print(table)
+    external = {}
+    for ext in a.external:
+        ex = load_arrays(load_dataset(ext))
+        erows, esumm = evaluate_samples(ck, ex, device=a.device)
+        external[ext] = {"summary": esumm, "rows": erows}
+        print(f"external {ext} ({len(ex)} images):")
+        print(format_table(esumm, sorted({s.tissue.name for s in ex})))
     Path(a.out).with_suffix(".eval.json").write_text(json.dumps({"summary": summ, "rows": rows, "history": hist,
-                                                                 "header": head}, indent=2, default=str))
+                                                                 "header": head, "external": external}, indent=2, default=str))
     if a.report:
         Path(a.report).parent.mkdir(parents=True, exist_ok=True)
         Path(a.report).write_text(f"{head}\n\n{table}\n")

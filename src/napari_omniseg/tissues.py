@@ -36,6 +36,10 @@ class Tissue:
     #: name of a tissue this one lies inside (the tuft lies inside the glomerular unit);
     #: used by the complete label map, where the inner tissue is drawn over its container
     inside: str | None = None
+    #: names of tissues that never share a pixel with this one (distinct structures).
+    #: The relation is symmetric: :func:`exclusive` checks both sides.  Training turns
+    #: it into supervision: a labelled pixel of this tissue is background for those.
+    excludes: tuple[str, ...] = ()
 
     @property
     def mpp(self) -> float:
@@ -54,6 +58,7 @@ class Tissue:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["aliases"] = list(self.aliases)
+        d["excludes"] = list(self.excludes)
         d["mpp"] = self.mpp
         d["scale_id"] = self.scale_id
         return d
@@ -69,16 +74,29 @@ class Tissue:
             color=str(d.get("color", "#ffffff")),
             aliases=tuple(d.get("aliases", ())),
             inside=d.get("inside"),
+            excludes=tuple(str(v) for v in d.get("excludes", ())),
         )
 
 
+_SEPARATE = ("distal_tubule", "proximal_tubule", "glomerular_unit", "artery", "peritubular_capillary")
+
+
+def _others(name: str) -> tuple[str, ...]:
+    return tuple(n for n in _SEPARATE if n != name)
+
+
 TISSUES: tuple[Tissue, ...] = (
-    Tissue(0, "distal_tubule", "dt", "Distal tubule", 10, "#1f77ff", ("distal", "dt")),
-    Tissue(1, "proximal_tubule", "pt", "Proximal tubule", 10, "#2ca02c", ("proximal", "pt")),
-    Tissue(2, "glomerular_unit", "cap", "Glomerular unit (with Bowman capsule)", 5, "#ffbf00", ("capsule", "cap")),
-    Tissue(3, "glomerular_tuft", "tuft", "Glomerular tuft", 5, "#d62728", ("tuft",), inside="glomerular_unit"),
-    Tissue(4, "artery", "ves", "Artery / arteriole", 10, "#9467bd", ("vessel", "ves", "arteriole")),
-    Tissue(5, "peritubular_capillary", "ptc", "Peritubular capillary", 40, "#17becf", ("ptc", "capillary")),
+    Tissue(0, "distal_tubule", "dt", "Distal tubule", 10, "#1f77ff", ("distal", "dt"), excludes=_others("distal_tubule")),
+    Tissue(1, "proximal_tubule", "pt", "Proximal tubule", 10, "#2ca02c", ("proximal", "pt"),
+           excludes=_others("proximal_tubule")),
+    Tissue(2, "glomerular_unit", "cap", "Glomerular unit (with Bowman capsule)", 5, "#ffbf00", ("capsule", "cap"),
+           excludes=_others("glomerular_unit")),
+    Tissue(3, "glomerular_tuft", "tuft", "Glomerular tuft", 5, "#d62728", ("tuft",), inside="glomerular_unit",
+           excludes=("distal_tubule", "proximal_tubule", "artery", "peritubular_capillary")),
+    Tissue(4, "artery", "ves", "Artery / arteriole", 10, "#9467bd", ("vessel", "ves", "arteriole"),
+           excludes=_others("artery")),
+    Tissue(5, "peritubular_capillary", "ptc", "Peritubular capillary", 40, "#17becf", ("ptc", "capillary"),
+           excludes=_others("peritubular_capillary")),
 )
 
 
@@ -115,6 +133,16 @@ def resolve_tissues(keys: "Iterable[str | int | Tissue] | None", tissues: Sequen
         return list(tissues)
     wanted = {_lookup(tissues, k).id for k in keys}
     return [t for t in tissues if t.id in wanted]
+
+
+def exclusive(a: Tissue, b: Tissue) -> bool:
+    """True when the registry says ``a`` and ``b`` never share a pixel (either side may say it)."""
+    return a.name != b.name and (b.name in a.excludes or a.name in b.excludes)
+
+
+def contains(outer: Tissue, inner: Tissue) -> bool:
+    """True when ``inner`` lies inside ``outer`` (every ``inner`` pixel is an ``outer`` pixel)."""
+    return inner.inside == outer.name
 
 
 def tissue_names(tissues: Sequence[Tissue] = TISSUES) -> list[str]:

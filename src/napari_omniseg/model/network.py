@@ -48,6 +48,15 @@ class NetConfig:
     #: scale id of each tissue (its default magnification)
     tissue_scales: tuple[int, ...] = (1, 1, 0, 0, 1, 3)
     name: str = "omniseg-scale-aware"
+    #: how the pooled 256-vector enters the controller: "none" (raw, as the reference),
+    #: or "unit" (centred, scaled to unit length: independent of the tile size's effect
+    #: on the feature magnitude, and small enough that the image can only modulate each
+    #: pair's own head, not swamp it).  Sidecars written before this field load as "none".
+    pool_norm: str = "unit"
+    #: initialisation of a new model's controller: "uniform" (the reference's linear-layer
+    #: scale) or "head" (image part zero, each (tissue, scale) pair's own head initialised
+    #: as a He-initialised 1x1 conv stack, so every head starts as a working conv head)
+    controller_init: str = "head"
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -63,6 +72,8 @@ class NetConfig:
         if unknown:
             raise ValueError(f"unknown architecture fields: {sorted(unknown)}")
         kw = dict(d)
+        kw.setdefault("pool_norm", "none")  # older sidecars: the raw pooled vector
+        kw.setdefault("controller_init", "uniform")
         for k in ("widths", "blocks", "tissue_scales"):
             if k in kw:
                 kw[k] = tuple(int(v) for v in kw[k])
@@ -154,13 +165,46 @@ class OmniSegNet(nn.Module):
         self.controller_weight = nn.Parameter(torch.empty(c.n_tissues, c.n_scales, N_HEAD_PARAMS, feat))
         self.controller_bias = nn.Parameter(torch.zeros(N_HEAD_PARAMS))
         self.controller_pair_bias = nn.Parameter(torch.empty(c.n_tissues, c.n_scales, N_HEAD_PARAMS))
-        # the feature part at the scale of a default linear layer over the 6144-wide
-        # outer product; each pair's own head like default 1x1 convs (fan-in 8)
-        bound = 1.0 / (feat * c.n_tissues * c.n_scales) ** 0.5
-        nn.init.uniform_(self.controller_weight, -bound, bound)
-        nn.init.uniform_(self.controller_bias, -bound, bound)
-        hb = 1.0 / c.head_channels**0.5
-        nn.init.uniform_(self.controller_pair_bias, -hb, hb)
+        if c.pool_norm not in ("none", "unit"):
+            raise ValueError(f"unknown pool_norm {c.pool_norm!r} (use 'none' or 'unit')")
+        if c.controller_init == "uniform":
+            # the feature part at the scale of a default linear layer over the 6144-wide
+            # outer product; each pair's own head like default 1x1 convs (fan-in 8)
+            bound = 1.0 / (feat * c.n_tissues * c.n_scales) ** 0.5
+            nn.init.uniform_(self.controller_weight, -bound, bound)
+            nn.init.uniform_(self.controller_bias, -bound, bound)
+            hb = 1.0 / c.head_channels**0.5
+            nn.init.uniform_(self.controller_pair_bias, -hb, hb)
+        elif c.controller_init == "head":
+            self._init_as_conv_heads()
+        else:
+            raise ValueError(f"unknown controller_init {c.controller_init!r} (use 'uniform' or 'head')")
+
+    def _init_as_conv_heads(self) -> None:
+        """Image part zero; each pair's 162-vector a He-initialised 8 -> 8 -> 8 -> 2 conv stack.
+
+        With the reference's init the three-layer head shrinks the signal at every layer
+        (its output is nearly constant over the pixels) and the image-dependent part is
+        larger than the head itself; here every head starts as an ordinary conv head whose
+        output varies with the pixel, and the image learns to modulate it."""
+        c = self.cfg
+        k = c.head_channels
+        with torch.no_grad():
+            self.controller_weight.zero_()
+            self.controller_bias.zero_()
+            pb = torch.zeros_like(self.controller_pair_bias)
+            o = 0
+            for size, fan_in, gain in ((k * k, k, 2.0), (k * k, k, 2.0), (2 * k, k, 1.0)):
+                pb[..., o : o + size].normal_(0.0, (gain / fan_in) ** 0.5)
+                o += size
+            self.controller_pair_bias.copy_(pb)  # biases (the last 18 numbers) stay zero
+
+    def pooled(self, gap: torch.Tensor) -> torch.Tensor:
+        """The pooled vector as the controller sees it (see ``NetConfig.pool_norm``)."""
+        if self.cfg.pool_norm == "unit":
+            g = gap - gap.mean(dim=1, keepdim=True)
+            return g / (g.norm(dim=1, keepdim=True) + 1e-6)
+        return gap
 
     # -- the expensive, tissue-independent part -------------------------------------
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,7 +218,7 @@ class OmniSegNet(nn.Module):
     def head_params(self, gap: torch.Tensor, tissues: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """Controller: gap N x 256, tissues and scales N x T (ints) -> N x T x 162."""
         w = self.controller_weight[tissues, scales]  # N x T x 162 x 256
-        return torch.einsum("ntpf,nf->ntp", w, gap) + self.controller_pair_bias[tissues, scales] + self.controller_bias
+        return torch.einsum("ntpf,nf->ntp", w, self.pooled(gap)) + self.controller_pair_bias[tissues, scales] + self.controller_bias
 
     def heads(
         self,

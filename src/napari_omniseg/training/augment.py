@@ -34,6 +34,17 @@ class AugmentConfig:
     translate: float = 0.2
     hed_scale: float = 0.05
     hed_shift: float = 0.02
+    #: probability of a strong stain change (all three HED channels scaled 0.6-1.4 and
+    #: shifted), so that one lab's stain does not become the model's notion of a tissue
+    p_strong_stain: float = 0.0
+    strong_hed_scale: float = 0.4
+    strong_hed_shift: float = 0.05
+    #: saturation change (0 = unchanged; 0.3 = up to +-30 %), and a chance of a grey image
+    saturation: float = 0.0
+    p_grey: float = 0.0
+    #: coarse dropout: up to this many rectangles of up to 1/8 of the side filled with the mean colour
+    p_dropout: float = 0.0
+    dropout_holes: int = 4
     gamma: tuple[float, float] = (0.6, 1.6)
     brightness: float = 0.1
     blur_sigma: float = 1.0
@@ -41,7 +52,8 @@ class AugmentConfig:
 
 
 def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig | None = None):
-    """Augment one patch.  image: H x W x 3 float32 in [0, 1]; mask: H x W bool."""
+    """Augment one patch.  image: H x W x 3 float32 in [0, 1]; mask: H x W bool, or an
+    integer label map H x W or H x W x K (moved with the image, values kept exactly)."""
     cfg = cfg or AugmentConfig()
     k = int(rng.integers(4))
     image, mask = np.rot90(image, k), np.rot90(mask, k)
@@ -53,11 +65,13 @@ def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, cfg: 
         image = _color(image, rng, cfg)
     if rng.random() < cfg.p_noise:
         image = _noise(image, rng, cfg)
+    if cfg.p_dropout > 0 and rng.random() < cfg.p_dropout:
+        image = _dropout(image, rng, cfg)
     return np.ascontiguousarray(np.clip(image, 0.0, 1.0), dtype=np.float32), np.ascontiguousarray(mask)
 
 
 def _affine(image, mask, rng, cfg):
-    h, w = mask.shape
+    h, w = mask.shape[:2]
     rot = np.deg2rad(rng.uniform(-cfg.rotate_deg, cfg.rotate_deg))
     shear = np.deg2rad(rng.uniform(-cfg.shear_deg, cfg.shear_deg))
     sx, sy = rng.uniform(*cfg.scale, size=2)
@@ -68,15 +82,26 @@ def _affine(image, mask, rng, cfg):
     tf = centre + core + back  # maps input -> output coordinates
     inv = tf.inverse
     img = warp(image, inv, order=1, mode="reflect", preserve_range=True).astype(np.float32)
-    msk = warp(mask.astype(np.float32), inv, order=0, mode="reflect", preserve_range=True) > 0.5
+    if mask.dtype == bool:
+        msk = warp(mask.astype(np.float32), inv, order=0, mode="reflect", preserve_range=True) > 0.5
+    else:  # label maps (e.g. int8 targets with -1 = unknown, one channel per tissue): nearest, exact values
+        msk = np.rint(warp(mask.astype(np.float32), inv, order=0, mode="reflect", preserve_range=True)).astype(mask.dtype)
     return img, msk
 
 
 def _color(image, rng, cfg):
     hed = rgb2hed(image)
-    a = rng.uniform(1 - cfg.hed_scale, 1 + cfg.hed_scale, size=3)
-    b = rng.uniform(-cfg.hed_shift, cfg.hed_shift, size=3)
+    if rng.random() < cfg.p_strong_stain:
+        a = rng.uniform(1 - cfg.strong_hed_scale, 1 + cfg.strong_hed_scale, size=3)
+        b = rng.uniform(-cfg.strong_hed_shift, cfg.strong_hed_shift, size=3)
+    else:
+        a = rng.uniform(1 - cfg.hed_scale, 1 + cfg.hed_scale, size=3)
+        b = rng.uniform(-cfg.hed_shift, cfg.hed_shift, size=3)
     image = hed2rgb(hed * a + b).astype(np.float32)
+    if cfg.saturation > 0 or cfg.p_grey > 0:
+        grey = image.mean(axis=2, keepdims=True)
+        f = 0.0 if rng.random() < cfg.p_grey else rng.uniform(1 - cfg.saturation, 1 + cfg.saturation)
+        image = grey + (image - grey) * np.float32(f)
     image = np.clip(image, 0, 1) ** rng.uniform(*cfg.gamma)
     return image + rng.uniform(-cfg.brightness, cfg.brightness)
 
@@ -88,9 +113,26 @@ def _noise(image, rng, cfg):
     return image + rng.normal(0, rng.uniform(0, cfg.noise_sigma), size=image.shape).astype(np.float32)
 
 
+def _dropout(image, rng, cfg):
+    h, w = image.shape[:2]
+    image = image.copy()
+    fill = image.reshape(-1, image.shape[2]).mean(axis=0)
+    for _ in range(int(rng.integers(1, cfg.dropout_holes + 1))):
+        hh, ww = int(rng.integers(1, max(2, h // 8))), int(rng.integers(1, max(2, w // 8)))
+        y, x = int(rng.integers(0, h - hh + 1)), int(rng.integers(0, w - ww + 1))
+        image[y : y + hh, x : x + ww] = fill
+    return image
+
+
+def strong_augment() -> AugmentConfig:
+    """The colour-robust setting the shipped model is trained with: strong stain changes,
+    saturation and grey images, coarse dropout (the defaults are the reference's mild ones)."""
+    return AugmentConfig(p_color=0.8, p_strong_stain=0.5, saturation=0.3, p_grey=0.1, p_dropout=0.3)
+
+
 def random_crop(image, mask, size: int, rng: np.random.Generator):
     """A random ``size`` x ``size`` crop (mirror-padded if the patch is smaller)."""
-    h, w = mask.shape
+    h, w = mask.shape[:2]
     if h < size or w < size:
         ph, pw = max(0, size - h), max(0, size - w)
         image = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="reflect")
@@ -99,3 +141,31 @@ def random_crop(image, mask, size: int, rng: np.random.Generator):
     y = int(rng.integers(h - size + 1))
     x = int(rng.integers(w - size + 1))
     return image[y : y + size, x : x + size], mask[y : y + size, x : x + size]
+
+
+def object_crop(image, labels, size: int, rng: np.random.Generator, focus: np.ndarray | None, p_object: float):
+    """A ``size`` crop that, with probability ``p_object``, contains a pixel of ``focus``.
+
+    ``focus`` (H x W bool, the labelled object) picks a random object pixel, and the
+    crop is placed at a random offset around it so the object is not always central.
+    Otherwise (or when ``focus`` is empty) the crop is uniform, as :func:`random_crop`.
+    """
+    h, w = labels.shape[:2]
+    if h < size or w < size:
+        ph, pw = max(0, size - h), max(0, size - w)
+        pad = ((0, ph), (0, pw))
+        image = np.pad(image, pad + ((0, 0),), mode="reflect")
+        labels = np.pad(labels, pad + ((0, 0),) * (labels.ndim - 2), mode="reflect")
+        if focus is not None:
+            focus = np.pad(focus, pad, mode="reflect")
+        h, w = labels.shape[:2]
+    if focus is not None and rng.random() < p_object:
+        ys, xs = np.nonzero(focus)
+        if ys.size:
+            k = int(rng.integers(ys.size))
+            y = int(np.clip(ys[k] - rng.integers(size // 8, size - size // 8), 0, h - size))
+            x = int(np.clip(xs[k] - rng.integers(size // 8, size - size // 8), 0, w - size))
+            return image[y : y + size, x : x + size], labels[y : y + size, x : x + size]
+    y = int(rng.integers(h - size + 1))
+    x = int(rng.integers(w - size + 1))
+    return image[y : y + size, x : x + size], labels[y : y + size, x : x + size]

@@ -252,14 +252,52 @@ def select(samples: Iterable[Sample], splits: "str | Sequence[str] | None" = Non
     return [s for s in samples if (not splits or s.split in splits) and (names is None or s.tissue.name in names)]
 
 
+def sample_mpp(s: Sample) -> float | None:
+    """The pixel size a row records (manifest ``mpp`` or ``um_per_px``), or None if none is given."""
+    for key in ("mpp", "um_per_px"):
+        v = s.meta.get(key)
+        if v not in (None, ""):
+            try:
+                f = float(v)
+            except ValueError:
+                raise DataError(f"{s.image_path}: {key} is {v!r}, not a number") from None
+            if not (f > 0 and np.isfinite(f)):
+                raise DataError(f"{s.image_path}: {key} must be a positive number, got {v!r}")
+            return f
+    return None
+
+
+def resample_pair(image: np.ndarray, mask: np.ndarray, mpp: float, target_mpp: float):
+    """Bring a patch recorded at ``mpp`` um/px to ``target_mpp`` (the tissue's magnification).
+
+    The image is resized with antialiasing; the mask by area (the fraction of each new
+    pixel that was foreground), then thresholded at one half, so object areas keep their
+    size in microns."""
+    from skimage.transform import resize
+
+    f = mpp / target_mpp
+    h, w = mask.shape
+    shape = (max(1, int(round(h * f))), max(1, int(round(w * f))))
+    img = resize(image, shape + (image.shape[2],), order=1, anti_aliasing=f < 1, preserve_range=True)
+    msk = resize(mask.astype(np.float32), shape, order=1, anti_aliasing=f < 1, preserve_range=True) >= 0.5
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), msk
+
+
 def load_arrays(samples: list[Sample], drop_empty: bool = False) -> list[Sample]:
-    """Read and check every image and mask (in memory; patches are small)."""
+    """Read and check every image and mask (in memory; patches are small).
+
+    A row that records its pixel size (``mpp`` or ``um_per_px``, e.g. third-party
+    annotations scanned at 20x) is resampled to its tissue's magnification."""
     kept = []
     for s in samples:
         img = read_image(s.image_path)
         msk = read_mask(s.label_path)
         if img.shape[:2] != msk.shape:
             raise DataError(f"{s.label_path}: mask is {msk.shape[1]}x{msk.shape[0]} px but image {s.image_path.name} is {img.shape[1]}x{img.shape[0]} px")
+        mpp = sample_mpp(s)
+        if mpp is not None and abs(mpp / s.tissue.mpp - 1.0) > 0.02:
+            img, msk = resample_pair(img, msk, mpp, s.tissue.mpp)
+            s.meta["resampled_from_mpp"] = mpp
         if not msk.any() and drop_empty:
             warnings.warn(f"{s.label_path}: empty mask, sample skipped", stacklevel=2)
             continue

@@ -31,9 +31,10 @@ import torch
 from ..model.checkpoint import Checkpoint, all_finite, atomic_write_bytes, new_checkpoint, save_checkpoint
 from ..model.network import foreground
 from ..tissues import TISSUES, Tissue
-from .augment import AugmentConfig, augment, random_crop
+from .augment import AugmentConfig, augment, object_crop, random_crop
 from .data import Sample, load_arrays
-from .losses import dice_bce_loss, ring_weight
+from .losses import dice_bce_loss, partial_label_loss, ring_weight
+from .relations import build_targets
 from .metrics import segmentation_scores, summarize
 
 ProgressFn = Callable[[dict], None]
@@ -66,6 +67,25 @@ class TrainConfig:
     threads: int = 0  # 0 = torch default
     device: str = "cpu"
     aug: AugmentConfig = field(default_factory=AugmentConfig)
+    #: anatomy-aware partial labels (training/relations.py): each image supervises every
+    #: tissue of its magnification that the registry's relations inform, and crops with
+    #: identical pixels merge their labels; the loss is :func:`.losses.partial_label_loss`.
+    #: False: only the labelled tissue, with :func:`.losses.dice_bce_loss` (the reference)
+    relations: bool = True
+    #: weight of the derived (not directly labelled) tissues' terms in the loss
+    derived_weight: float = 0.5
+    #: probability that a training crop is placed over the labelled object
+    object_crop: float = 0.7
+    #: every tissue gets the same number of batches per epoch (small pools are cycled),
+    #: instead of one pass over every sample
+    balanced: bool = True
+    #: learning-rate multipliers of the controller's parts (parameter groups): the
+    #: per-(tissue, scale) heads and the image-dependent matrix; the backbone has 1
+    head_lr_mult: float = 1.0
+    controller_lr_mult: float = 0.1
+    #: bf16 autocast where it is fast: CUDA with bf16, or a CPU with AVX-512 bf16 / AMX
+    #: (checked at run time); fp32 everywhere else
+    amp: bool = True
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -122,13 +142,99 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * (1 - epoch / max(cfg.epochs, 1)) ** cfg.poly_power
 
 
+def param_groups(model, cfg: TrainConfig) -> list[dict]:
+    """Backbone, per-(tissue, scale) heads and the image-dependent controller as separate
+    groups, each with its own learning-rate multiplier (``lr_mult``); heads without decay."""
+    groups = {"backbone": [], "heads": [], "controller": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name in ("controller_pair_bias", "controller_bias"):
+            groups["heads"].append(p)
+        elif name == "controller_weight":
+            groups["controller"].append(p)
+        else:
+            groups["backbone"].append(p)
+    mult = {"backbone": 1.0, "heads": cfg.head_lr_mult, "controller": cfg.controller_lr_mult}
+    decay = {"backbone": cfg.weight_decay, "heads": 0.0, "controller": cfg.weight_decay}
+    return [{"params": ps, "name": k, "lr_mult": mult[k], "lr": cfg.lr * mult[k], "weight_decay": decay[k]}
+            for k, ps in groups.items() if ps]
+
+
 def _make_optimizer(model, cfg: TrainConfig):
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(model, cfg)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (use 'sgd' or 'adamw')")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX-512 bf16 or AMX on this CPU (bf16 autocast is slower than fp32 without them)."""
+    cpu = getattr(torch, "cpu", None)
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        f = getattr(cpu, name, None)
+        try:
+            if f is not None and f():
+                return True
+        except Exception:  # noqa: BLE001 - a missing probe means no
+            pass
+    return False
+
+
+def autocast_for(dev: torch.device, enabled: bool = True):
+    """bf16 autocast where it pays (CUDA with bf16, fast-bf16 CPUs), otherwise a no-op context."""
+    if enabled and dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if enabled and dev.type == "cpu" and cpu_has_fast_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast(dev.type if dev.type in ("cpu", "cuda") else "cpu", enabled=False)
+
+
+def make_balanced_batches(samples: Sequence[Sample], batch_size: int, rng: np.random.Generator) -> list[list[int]]:
+    """Tissue-homogeneous batches, the same number for every tissue, interleaved at random.
+
+    Every tissue gets ``ceil(median pool size / batch_size)`` batches; a smaller pool is
+    cycled (reshuffled each cycle), a larger one is sampled without repeats."""
+    pools: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        pools.setdefault(s.tissue.id, []).append(i)
+    n_batches = max(1, math.ceil(float(np.median([len(v) for v in pools.values()])) / batch_size))
+    batches = []
+    for tid in sorted(pools):
+        need = n_batches * batch_size
+        seq: list[int] = []
+        while len(seq) < need:
+            idx = np.array(pools[tid])
+            rng.shuffle(idx)
+            seq += idx.tolist()
+        seq = seq[:need]
+        batches += [seq[j : j + batch_size] for j in range(0, need, batch_size)]
+    order = rng.permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+def _target_batch(samples, targets, idx, cfg: TrainConfig, rng):
+    """Images, per-tissue targets (N x T x H x W, -1 unknown) and ring weights for one batch.
+
+    Returns x, y, w and the tissue ids of the T columns (the labelled tissue first)."""
+    primary = samples[idx[0]].tissue.id
+    tids = [primary] + sorted({k for i in idx for k in targets[i] if k != primary})
+    imgs, ys = [], []
+    for i in idx:
+        s = samples[i]
+        img = s.image.astype(np.float32) / 255.0
+        lab = np.stack([targets[i].get(t, np.full(s.mask.shape, -1, np.int8)) for t in tids], axis=-1)
+        img, lab = object_crop(img, lab, cfg.crop, rng, lab[..., 0] == 1, cfg.object_crop)
+        if cfg.augment:
+            img, lab = augment(img, lab, rng, cfg.aug)
+        imgs.append(img)
+        ys.append(lab)
+    y = np.stack(ys).transpose(0, 3, 1, 2)  # N x T x H x W
+    w = np.stack([[ring_weight(y[n, j] == 1) for j in range(y.shape[1])] for n in range(y.shape[0])])
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+    return x, torch.from_numpy(np.ascontiguousarray(y)), torch.from_numpy(w), tids
 
 
 def _set_frozen(model, freeze: bool):
@@ -260,6 +366,7 @@ def train(
         raise TrainingError("no training samples")
 
     ckpt = init if init is not None else new_checkpoint(tissues, seed=cfg.seed)
+    targets = build_targets(train_samples, ckpt.tissues) if cfg.relations else None
     model = ckpt.model.to(dev)
     _set_frozen(model, cfg.freeze_encoder)
     optim = _make_optimizer(model, cfg)
@@ -295,18 +402,27 @@ def train(
         rng = np.random.default_rng([cfg.seed, epoch])
         torch.manual_seed(cfg.seed * 100003 + epoch)
         for g in optim.param_groups:
-            g["lr"] = lr_at(cfg, epoch)
-        batches = make_batches(train_samples, cfg.batch_size, rng)
+            g["lr"] = lr_at(cfg, epoch) * g.get("lr_mult", 1.0)
+        batches = (make_balanced_batches if cfg.balanced else make_batches)(train_samples, cfg.batch_size, rng)
         losses = []
         for step, idx in enumerate(batches):
             if stop():
                 raise TrainingCancelled(f"cancelled in epoch {epoch + 1}, step {step + 1}; no checkpoint written")
-            x, y, w = _batch_tensors(train_samples, idx, cfg, rng, train=True)
-            x = ckpt.normalize(x).to(dev)
-            y, w = y.to(dev), w.to(dev)
-            tid = train_samples[idx[0]].tissue.id
-            logits = model(x, [tid] * len(idx))
-            loss = dice_bce_loss(logits, y, w)
+            if cfg.relations:
+                x, y, w, tids = _target_batch(train_samples, targets, idx, cfg, rng)
+                x = ckpt.normalize(x).to(dev)
+                y, w = y.to(dev), w.to(dev)
+                with autocast_for(dev, cfg.amp):
+                    logits = model.heads(model.features(x), tids)
+                loss = partial_label_loss(logits, y, w, primary=0, derived_weight=cfg.derived_weight)
+            else:
+                x, y, w = _batch_tensors(train_samples, idx, cfg, rng, train=True)
+                x = ckpt.normalize(x).to(dev)
+                y, w = y.to(dev), w.to(dev)
+                tid = train_samples[idx[0]].tissue.id
+                with autocast_for(dev, cfg.amp):
+                    logits = model(x, [tid] * len(idx))
+                loss = dice_bce_loss(logits, y, w)
             optim.zero_grad(set_to_none=True)
             ok = bool(torch.isfinite(loss))
             if ok:

@@ -37,3 +37,49 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
     dice = (2 * inter + smooth) / (denom + smooth)
     bce = F.binary_cross_entropy_with_logits(logits.float(), t, weight=w.expand_as(t), reduction="mean")
     return (1.0 - dice).mean() + bce
+
+
+def partial_label_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    primary: int = 0,
+    derived_weight: float = 0.5,
+    smooth: float = 1.0,
+) -> torch.Tensor:
+    """Loss over several tissue heads where only some pixels are known.
+
+    ``logits`` N x T x 2 x H x W (one head per column), ``targets`` N x T x H x W with
+    1 foreground, 0 background, -1 unknown (never supervised), ``weights`` N x T x H x W
+    (the boundary ring) or None.  Each head is scored on the logit difference
+    ``l1 - l0``, the same quantity the foreground decision uses: weighted binary
+    cross-entropy averaged over its known pixels, plus (1 - soft Dice of the
+    foreground) summed over the whole batch's known pixels when the batch holds any
+    of its foreground.  A batch-wide Dice does not reward an empty prediction on a
+    crop that happens to miss the object, as a per-image Dice does.  Column
+    ``primary`` (the tissue the images were labelled for) has weight 1, every other
+    column ``derived_weight``; columns with no known pixel add nothing.
+    """
+    d = (logits[:, :, 1] - logits[:, :, 0]).float()
+    t = targets.float()
+    known = (targets >= 0).float()
+    w = known if weights is None else known * weights.float()
+    tpos = t.clamp(min=0)
+    total = d.new_zeros(())
+    norm = 0.0
+    for j in range(d.shape[1]):
+        kj = known[:, j].sum()
+        if float(kj) == 0:
+            continue
+        bce = F.binary_cross_entropy_with_logits(d[:, j], tpos[:, j], weight=w[:, j], reduction="sum") / w[:, j].sum()
+        term = bce
+        pos = (tpos[:, j] * known[:, j]).sum()
+        if float(pos) > 0:
+            p = torch.sigmoid(d[:, j]) * known[:, j]
+            inter = (p * tpos[:, j]).sum()
+            dice = (2 * inter + smooth) / (p.sum() + pos + smooth)
+            term = term + (1.0 - dice)
+        wt = 1.0 if j == primary else derived_weight
+        total = total + wt * term
+        norm += wt
+    return total / max(norm, 1e-8)
