@@ -124,7 +124,8 @@ def main(argv=None) -> int:
         print(f"external {ext} ({len(ex)} images):")
         print(format_table(esumm, sorted({s.tissue.name for s in ex})))
     Path(a.out).with_suffix(".eval.json").write_text(json.dumps({"summary": summ, "rows": rows, "history": hist,
-                                                                 "header": head, "external": external}, indent=2, default=str))
+                                                                 "header": head, "external": external,
+                                                                 "trained_tissues": sorted({s.tissue.name for s in tr})}, indent=2, default=str))
     if a.report:
         Path(a.report).parent.mkdir(parents=True, exist_ok=True)
         Path(a.report).write_text(f"{head}\n\n{table}\n")

@@ -62,5 +62,5 @@ def test_installed_wheel_finds_its_model_and_sample(wheel, tmp_path):
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["pkg"].startswith(str(target)) and got["ckpt"].startswith(str(target))
     assert len(got["tissues"]) == 6
-    for name in ("renal_5x.ome.tif", "renal_10x.ome.tif", "renal_40x.ome.tif", "sample.json"):
+    for name in ("renal_5x.ome.tif", "renal_10x.ome.tif", "renal_40x.ome.tif", "sample.json", "CMU-1-Small-Region.svs"):
         assert name in got["sample"]

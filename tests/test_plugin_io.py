@@ -12,7 +12,7 @@ from napari_omniseg import _reader, _writer
 from napari_omniseg._widgets._layers import META_KEY
 from napari_omniseg.tissues import get_tissue
 
-SVS = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
+SVS = Path(__file__).resolve().parents[1] / "src" / "napari_omniseg" / "sample" / "CMU-1-Small-Region.svs"  # bundled (CC0)
 DT = get_tissue("distal_tubule")
 CAP = get_tissue("glomerular_unit")
 

@@ -38,7 +38,7 @@ from napari_omniseg.slides import (
     write_ome_zarr_pyramid,
 )
 
-SVS = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
+SVS = Path(__file__).resolve().parents[1] / "src" / "napari_omniseg" / "sample" / "CMU-1-Small-Region.svs"  # bundled (CC0)
 SVS_HW = (2967, 2220)  # (H, W): the README's "2220 x 2967" is width x height
 
 

@@ -130,3 +130,24 @@ def test_finetune_never_hands_back_worse_weights_than_its_start(demo):
     assert hist["best_epoch"] == 0 and ft.metrics["val_mean_dice"] == start_score
     for k, v in ft.model.state_dict().items():
         assert torch.equal(v.cpu(), ref[k].cpu()), k
+
+
+@pytest.mark.slow
+def test_a_few_epochs_on_real_patches_beat_the_untrained_start_on_every_tissue():
+    """Real kidney patches (the bundled sample, in the package): after a short training
+    with the default recipe every tissue it saw scores a higher Dice than the untrained
+    network did on the same patches."""
+    from napari_omniseg.demo import bundled_samples
+    from napari_omniseg.model import new_checkpoint
+    from napari_omniseg.training.augment import AugmentConfig
+
+    samples = [s for s in bundled_samples() if s.tissue.magnification in (5, 10)]
+    start = new_checkpoint(seed=0)
+    _, before = evaluate_samples(start, samples)
+    cfg = TrainConfig(epochs=12, batch_size=4, crop=96, lr=3e-3, seed=0, threads=2, val_every=100,
+                      aug=AugmentConfig(p_geometric=0.0, p_color=0.0, p_noise=0.0))
+    ck, _ = train(samples, [], None, cfg)
+    _, after = evaluate_samples(ck, samples)
+    for t in {s.tissue.name for s in samples}:
+        b, a = before["per_tissue"][t]["dice"], after["per_tissue"][t]["dice"]
+        assert a > b + 0.05, (t, b, a)

@@ -9,11 +9,10 @@
 - *CMU-1-Small-Region.svs*: the OpenSlide project's public test slide (CC0), read
   through the plugin's slide reader at its recorded 0.499 um/px.
 
-This module copies no data into the package (the mosaic's patches are about 2.3 MB
-and the slide 1.9 MB, over the 2 MB a plugin should carry for napari samples).  The
-files are looked up in ``$OMNISEG_DEMO_DATA`` (the renal-demo folder),
-``$OMNISEG_SAMPLE_SLIDE`` (the .svs) or the ``shared/data`` folder beside a source
-checkout.  Without the demo folder, the renal sample falls back to the 10x mosaic
+The slide (1.9 MB, CC0) ships in ``napari_omniseg/sample/``, so the sample opens
+from any installed copy; ``$OMNISEG_SAMPLE_SLIDE`` may point at another copy.  The
+renal-demo folder is looked up in ``$OMNISEG_DEMO_DATA`` or the ``shared/data``
+folder beside a source checkout.  Without the demo folder, the renal sample falls back to the 10x mosaic
 that ``omniseg demo`` bundles in ``napari_omniseg/sample/`` when the installed
 package has it (same test-split patches, laid out with gaps).
 """
@@ -60,13 +59,14 @@ def find_demo_dir() -> Path:
 
 def find_sample_slide() -> Path:
     env = os.environ.get("OMNISEG_SAMPLE_SLIDE")
-    cands = ([Path(env)] if env else []) + [c / "slides" / SVS_NAME for c in _candidates()]
+    bundled = Path(__file__).resolve().parent / "sample" / SVS_NAME
+    cands = ([Path(env)] if env else []) + [bundled] + [c / "slides" / SVS_NAME for c in _candidates()]
     for c in cands:
         if c.is_file():
             return c
     raise SampleDataMissing(
-        f"{SVS_NAME} not found; set OMNISEG_SAMPLE_SLIDE to its path (it is the OpenSlide "
-        f"project's public CC0 test slide) (looked in: {', '.join(str(c) for c in cands)})"
+        f"{SVS_NAME} not found: the copy bundled with napari-omniseg is missing, so the installation is "
+        f"incomplete; reinstall napari-omniseg (looked in: {', '.join(str(c) for c in cands)})"
     )
 
 

@@ -36,6 +36,30 @@ def load_sample_labels(mosaic: dict) -> np.ndarray:
     return tifffile.imread(SAMPLE_DIR / mosaic["labels"]).astype(bool)
 
 
+def bundled_samples() -> list:
+    """The bundled sample's 23 real test patches as training :class:`Sample` objects.
+
+    Each is cut from its mosaic with its own label, at its tissue's magnification, so
+    a clone of the repository (or an installed wheel) has real labelled kidney patches
+    without any data folder beside it (tests use them for that)."""
+    from .slides import open_slide
+    from .tissues import get_tissue
+    from .training.data import Sample
+
+    out = []
+    for m in sample_index()["mosaics"]:
+        truth = load_sample_labels(m)
+        with open_slide(SAMPLE_DIR / m["image"]) as src:
+            image = np.asarray(src.read_region(0, 0, 0, *src.shapes[0]))[..., :3]
+        for p in m["patches"]:
+            sl = (slice(p["y"], p["y"] + p["h"]), slice(p["x"], p["x"] + p["w"]))
+            out.append(Sample(SAMPLE_DIR / m["image"], SAMPLE_DIR / m["labels"], get_tissue(p["tissue"]),
+                              stain=p["stain"], split=str(sample_index()["split"]), origin="bundled sample",
+                              meta={"file": p["file"], "x": p["x"], "y": p["y"]},
+                              image=np.ascontiguousarray(image[sl]), mask=np.ascontiguousarray(truth[sl])))
+    return out
+
+
 def overlay_png(image: np.ndarray, labels: dict[str, np.ndarray], tissues, path: Path, alpha: float = 0.45) -> None:
     """Blend each tissue's mask (already on the image grid) in its colour and write a PNG."""
     import imageio.v3 as iio
@@ -60,7 +84,7 @@ def upsample_to(lab: np.ndarray, shape: tuple[int, int], factor: float) -> np.nd
     return lab[np.ix_(ys, xs)]
 
 
-def run_demo(out: Path, checkpoint=None, device="auto", on_progress=None) -> dict:
+def run_demo(out: Path, checkpoint=None, device="auto", on_progress=None, core: int = 256) -> dict:
     from .labels.export import write_measurements_csv
     from .model import load_checkpoint, resolve_checkpoint
     from .inference.engine import EngineConfig, Segmenter
@@ -72,7 +96,7 @@ def run_demo(out: Path, checkpoint=None, device="auto", on_progress=None) -> dic
     idx = sample_index()
     ck = load_checkpoint(resolve_checkpoint(checkpoint))
     # the mosaics are all tissue (with thin white gaps): run every tile
-    seg = Segmenter(ck, EngineConfig(device=device, core=256, margin=32, batch_size=4, skip_background=False))
+    seg = Segmenter(ck, EngineConfig(device=device, core=core, margin=32, batch_size=4, skip_background=False))
     out.mkdir(parents=True, exist_ok=True)
     rows, runs = [], []
     t0 = time.perf_counter()
