@@ -75,6 +75,7 @@ def main(argv=None) -> int:
         return [s for s in group if s.stain in keep]
 
     tr = load_arrays(stains(select(samples, a.train_split), a.stains))
+    n_demo_train = len(tr)
     for extra in a.extra:
         tr += load_arrays(load_dataset(extra))
     va = load_arrays(stains(select(samples, a.val_split), a.stains)) if a.val_split != "none" else []
@@ -106,6 +107,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     ck, hist = train(tr, va, a.out, cfg, init=init, on_progress=prog, state_dir=a.state_dir,
                      provenance={"data": "renal-demo", "train_split": a.train_split, "val_split": a.val_split,
+                                 "extra_data": [Path(e).parent.name if Path(e).is_file() else Path(e).name for e in a.extra],
+                                 "n_extra": len(tr) - n_demo_train, "stains": a.stains or "all",
                                  "command": " ".join(["python", "benchmarks/train_demo.py", *(argv or sys.argv[1:])])},
                      save_dtype=torch.float16 if a.fp16 else torch.float32)
     train_s = time.perf_counter() - t0

@@ -68,3 +68,15 @@ def test_all_four_widgets_open_together_and_share_state(make_napari_viewer):
     widgets = [viewer.window.add_plugin_dock_widget("napari-omniseg", d)[1] for d, _ in WIDGETS.values()]
     states = {id(w.state) for w in widgets}
     assert len(states) == 1, "widgets of one viewer must share one plugin state"
+
+
+def test_finetune_defaults_and_plain_words(make_napari_viewer):
+    from napari_omniseg._widgets.finetune import _advice, _patches
+
+    viewer = make_napari_viewer()
+    ft = viewer.window.add_plugin_dock_widget("napari-omniseg", "Fine-tune")[1]
+    seg = viewer.window.add_plugin_dock_widget("napari-omniseg", "Segment")[1]
+    assert ft._device.value == seg._device.value == "auto"
+    assert _patches(1) == "1 held-out patch" and _patches(4) == "4 held-out patches"
+    assert "too few" in _advice(0.5, 0.9, n_val=1)
+    assert "better" in _advice(0.5, 0.9, n_val=10)

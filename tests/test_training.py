@@ -136,18 +136,20 @@ def test_finetune_never_hands_back_worse_weights_than_its_start(demo):
 def test_a_few_epochs_on_real_patches_beat_the_untrained_start_on_every_tissue():
     """Real kidney patches (the bundled sample, in the package): after a short training
     with the default recipe every tissue it saw scores a higher Dice than the untrained
-    network did on the same patches."""
+    network did on the same patches (measured: tuft 0.20 -> 0.50, unit 0.21 -> 0.36,
+    proximal tubule 0.49 -> 0.72)."""
     from napari_omniseg.demo import bundled_samples
     from napari_omniseg.model import new_checkpoint
     from napari_omniseg.training.augment import AugmentConfig
 
-    samples = [s for s in bundled_samples() if s.tissue.magnification in (5, 10)]
+    seen = ("proximal_tubule", "glomerular_unit", "glomerular_tuft")
+    samples = [s for s in bundled_samples() if s.tissue.name in seen]
     start = new_checkpoint(seed=0)
     _, before = evaluate_samples(start, samples)
-    cfg = TrainConfig(epochs=12, batch_size=4, crop=96, lr=3e-3, seed=0, threads=2, val_every=100,
+    cfg = TrainConfig(epochs=40, batch_size=4, crop=64, lr=1e-3, seed=0, threads=2, val_every=100,
                       aug=AugmentConfig(p_geometric=0.0, p_color=0.0, p_noise=0.0))
     ck, _ = train(samples, [], None, cfg)
     _, after = evaluate_samples(ck, samples)
-    for t in {s.tissue.name for s in samples}:
+    for t in seen:
         b, a = before["per_tissue"][t]["dice"], after["per_tissue"][t]["dice"]
         assert a > b + 0.05, (t, b, a)

@@ -25,10 +25,17 @@ def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
-def _advice(before, after, margin: float = 0.01) -> str:
+def _patches(n: int) -> str:
+    return f"{n} held-out patch" + ("" if n == 1 else "es")
+
+
+def _advice(before, after, margin: float = 0.01, n_val: int | None = None) -> str:
     """A plain reading of the before/after Dice for the user."""
     if before is None or after is None:
         return "No held-out patches: export more corrections to measure the new model. "
+    if n_val is not None and n_val < 3:
+        return (f"Only {_patches(n_val)}: too few to tell whether the new model is better; "
+                "export corrections from more regions before relying on this comparison. ")
     if after > before + margin:
         return "The new model is better on your held-out patches. "
     if after < before - margin:
@@ -48,7 +55,7 @@ class FinetuneWidget(OmnisegWidget):
         self._freeze = CheckBox(text="Freeze the encoder (fast on CPU)", value=True)
         self._mix = CheckBox(text="Mix in the reference demo data", value=False)
         self._ref = LineEdit(label="Reference data", value=self._default_reference())
-        self._device = ComboBox(label="Device", choices=["cpu", "auto", "cuda", "mps"], value="cpu")
+        self._device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")  # as Segment
         self._threads = SpinBox(label="CPU threads", value=background_threads(), min=1, max=256)
         self._resegment = CheckBox(text="Re-segment the current region after switching models", value=True)
         self._run = PushButton(text="Fine-tune")
@@ -124,13 +131,13 @@ class FinetuneWidget(OmnisegWidget):
             lines = [f"New model {res.path.stem}",
                      f"({res.n_train} training patches" + (f" + {res.n_reference} reference" if res.n_reference else "")
                      + f", {res.seconds:.0f} s)",
-                     f"Mean Dice on {res.n_val} held-out patches: {_fmt(res.before_dice)} -> {_fmt(res.after_dice)}"]
+                     f"Mean Dice on {_patches(res.n_val)}: {_fmt(res.before_dice)} -> {_fmt(res.after_dice)}"]
             lines += [f"    {t.replace('_', ' ')}: {_fmt(v.get('before'))} -> {_fmt(v.get('after'))}"
                       for t, v in sorted(res.per_tissue.items())]
             if res.history.get("best_epoch") == 0:
                 lines.append("No epoch beat the current model on your held-out patches, so the new version "
                              "keeps the current model's weights.")
-            lines += [_advice(res.before_dice, res.after_dice).strip(),
+            lines += [_advice(res.before_dice, res.after_dice, n_val=res.n_val).strip(),
                       "The active model is unchanged until you make the new one active."]
             self._result.value = "\n".join(lines)
             self._activate.enabled = True
