@@ -11,9 +11,9 @@ from napari_omniseg.training.losses import dice_bce_loss, ring_weight
 from napari_omniseg.training.manifest import MANIFEST_COLUMNS, append_manifest_rows, read_manifest_rows
 
 
-def test_demo_split_and_layouts_agree(demo_dir):
-    via_csv = load_dataset(demo_dir)
-    via_folder = load_folder(demo_dir / "KI_data_testingset_demo")
+def test_demo_split_and_layouts_agree(full_demo):
+    via_csv = load_dataset(full_demo)
+    via_folder = load_folder(full_demo / "KI_data_testingset_demo")
     assert len(via_csv) == len(via_folder) == 110
     assert {s.image_path for s in via_csv} == {s.image_path for s in via_folder}
     counts = {sp: len(select(via_csv, sp)) for sp in ("train", "val", "test")}

@@ -110,7 +110,8 @@ def test_geojson_writer_in_level0_pixels(tmp_path):
     assert feat["properties"]["measurements"]["area_um2"] == pytest.approx(15 * 10 * 1.0)
 
 
-def test_renal_sample_is_real_tissue_at_true_scale(demo_dir):
+def test_renal_sample_is_real_tissue_at_true_scale(full_demo):
+    demo_dir = full_demo
     from napari_omniseg._sample_data import build_renal_mosaic, renal_sample
 
     (img, kw, kind), (gt, gkw, gkind) = renal_sample()

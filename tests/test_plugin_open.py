@@ -80,3 +80,16 @@ def test_finetune_defaults_and_plain_words(make_napari_viewer):
     assert _patches(1) == "1 held-out patch" and _patches(4) == "4 held-out patches"
     assert "too few" in _advice(0.5, 0.9, n_val=1)
     assert "better" in _advice(0.5, 0.9, n_val=10)
+
+
+def test_drawn_rectangle_layer_shares_the_image_units(make_napari_viewer, recwarn):
+    import numpy as np
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((64, 64, 3), np.uint8), rgb=True, name="slide", scale=(0.5, 0.5),
+                     units=("micrometer", "micrometer"))
+    seg = viewer.window.add_plugin_dock_widget("napari-omniseg", "Segment")[1]
+    seg.draw_rectangle()
+    shapes = viewer.layers["omniseg region"]
+    assert [str(u) for u in shapes.units] == ["micrometer", "micrometer"]
+    assert not [w for w in recwarn if "Inconsistent units" in str(w.message)]

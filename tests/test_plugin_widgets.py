@@ -238,6 +238,11 @@ def test_whole_slide_estimate_then_store_then_edit_in_view(make_napari_viewer, r
     store = LabelStore(session.store_path)
     assert store.complete and store.read("distal_tubule").shape == (256, 384)
     shown = [lyr for lyr in viewer.layers if lyr.metadata.get("omniseg", {}).get("kind") in ("store", "store-map")]
+    # the complete map's box is unticked (the default): only the tissue's own layer is shown
+    assert {lyr.metadata["omniseg"]["tissue"] for lyr in shown} == {"distal_tubule"}
+    seg._map.value = True
+    seg._show_store(image, store)
+    shown = [lyr for lyr in viewer.layers if lyr.metadata.get("omniseg", {}).get("kind") in ("store", "store-map")]
     assert {lyr.metadata["omniseg"]["tissue"] for lyr in shown} == {"distal_tubule", "tissue_map"}
     assert not any(lyr.metadata.get("omniseg", {}).get("kind") == "working" for lyr in viewer.layers)
     # edit the part in view; commit writes it back into the store

@@ -77,10 +77,7 @@ def main() -> int:
     from qtpy.QtWidgets import QApplication
 
     from napari_omniseg._widgets._regions import camera
-    from napari_omniseg._widgets.export import ExportWidget
-    from napari_omniseg._widgets.finetune import FinetuneWidget
-    from napari_omniseg._widgets.review import ReviewWidget
-    from napari_omniseg._widgets.segment import SCOPE_FOV, SCOPE_SLIDE, SegmentWidget
+    from napari_omniseg._widgets.segment import SCOPE_FOV, SCOPE_SLIDE
     from napari_omniseg.model import load_checkpoint
     from napari_omniseg.tissues import get_tissue
     from napari_omniseg.training.data import Sample
@@ -118,11 +115,11 @@ def main() -> int:
     viewer.window._qt_window.resize(1560, 960)
     viewer.open_sample("napari-omniseg", "renal_demo")
     image, gt_layer = viewer.layers[0], viewer.layers[1]
-    seg, rev, exp, ft = SegmentWidget(viewer), ReviewWidget(viewer), ExportWidget(viewer), FinetuneWidget(viewer)
-    docks = {}
-    for name, w in (("Segment", seg), ("Review and correct", rev), ("Export training data", exp),
-                    ("Fine-tune", ft)):
-        docks[name] = viewer.window.add_dock_widget(w, name=name, area="right", tabify=True)
+    # opened the way a user does (Plugins menu -> napari's plugin machinery)
+    docks, ws = {}, {}
+    for name in ("Segment", "Review and correct", "Export training data", "Fine-tune"):
+        docks[name], ws[name] = viewer.window.add_plugin_dock_widget("napari-omniseg", name, tabify=True)
+    seg, rev, exp, ft = (ws[n] for n in ("Segment", "Review and correct", "Export training data", "Fine-tune"))
     from qtpy.QtCore import Qt
 
     for d in docks.values():

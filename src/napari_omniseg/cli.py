@@ -115,6 +115,13 @@ def _train_args(p):
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 for both optimizers)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--mild-augment", action="store_true",
+                   help="the reference's mild colour augmentation instead of the stain-robust default")
+    p.add_argument("--extra", action="append", default=[], metavar="DATA",
+                   help="another dataset whose every row is added to training, e.g. third-party annotations in a "
+                        "manifest with their own um/px (resampled to each tissue's magnification); repeatable")
+    p.add_argument("--no-relations", action="store_true",
+                   help="supervise only the labelled tissue (no anatomy-derived labels for the others)")
     p.add_argument("--state-dir", help="folder for a resumable training state (rerun the same command to resume)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = default)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -132,11 +139,14 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     from .model import load_checkpoint
     from .training.data import load_arrays, load_dataset, select
-    from .training.loop import TrainConfig, TrainingCancelled, evaluate_samples, train
+    from .training.augment import AugmentConfig, strong_augment
+    from .training.loop import TrainConfig, TrainingCancelled, evaluate_samples, steps_per_epoch, train
     from .training.metrics import format_table
 
     samples = load_dataset(a.data, a.split_file)
     tr = load_arrays(select(samples, a.train_split))
+    for extra in a.extra:
+        tr += load_arrays(load_dataset(extra))
     va = [] if a.val_split == "none" else load_arrays(select(samples, a.val_split))
     te = [] if a.test_split == "none" else load_arrays(select(samples, a.test_split))
     if not tr:
@@ -145,12 +155,13 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = TrainConfig(
         epochs=a.epochs, batch_size=a.batch_size, crop=a.crop, optimizer=a.optimizer, seed=a.seed,
         freeze_encoder=a.freeze_encoder, augment=not a.no_augment, threads=a.threads, device=a.device,
-        val_every=a.val_every,
+        val_every=a.val_every, relations=not a.no_relations,
+        aug=AugmentConfig() if a.mild_augment else strong_augment(),
     )
     if a.lr is not None:
         cfg.lr = a.lr
     init = load_checkpoint(a.init) if a.init else None
-    n_steps = sum(-(-n // a.batch_size) for n in _counts(tr).values()) * a.epochs
+    n_steps = steps_per_epoch(tr, cfg) * a.epochs
     bar = _Bar(n_steps, "train", a.quiet)
     last = {}
 

@@ -228,7 +228,11 @@ class SegmentWidget(OmnisegWidget):
 
         lyr = next((l for l in self.viewer.layers if isinstance(l, Shapes) and l.name == RECT_LAYER), None)
         if lyr is None:
-            lyr = self.viewer.add_shapes(name=RECT_LAYER, edge_color="yellow", face_color="transparent", edge_width=2)
+            # in the image's units (microns for a slide), so napari sees one unit system
+            img = self._image.value
+            units = {"units": tuple(img.units[-2:])} if img is not None else {}
+            lyr = self.viewer.add_shapes(name=RECT_LAYER, edge_color="yellow", face_color="transparent", edge_width=2,
+                                         **units)
         self.viewer.layers.selection.active = lyr
         lyr.mode = "add_rectangle"
         self._shapes.reset_choices()
@@ -415,6 +419,8 @@ class SegmentWidget(OmnisegWidget):
         for data, kw, _kind in store_layer_data(store):
             om = kw["metadata"][META_KEY]
             name = om["tissue"]
+            if om.get("kind") == "store-map" and not self._map.value:
+                continue  # the complete map only when its box is ticked, as for regions
             om["image"] = layer.name
             # the store is in microns; the image layer may not be
             s_img = float(layer.scale[-1])

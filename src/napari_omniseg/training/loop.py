@@ -215,6 +215,18 @@ def make_balanced_batches(samples: Sequence[Sample], batch_size: int, rng: np.ra
     return [batches[i] for i in order]
 
 
+def steps_per_epoch(samples: Sequence[Sample], cfg: TrainConfig) -> int:
+    """How many optimiser steps one epoch of :func:`train` takes (for progress bars)."""
+    counts: dict[int, int] = {}
+    for s in samples:
+        counts[s.tissue.id] = counts.get(s.tissue.id, 0) + 1
+    if not counts:
+        return 0
+    if cfg.balanced:
+        return len(counts) * max(1, math.ceil(float(np.median(list(counts.values()))) / cfg.batch_size))
+    return sum(-(-n // cfg.batch_size) for n in counts.values())
+
+
 def _target_batch(samples, targets, idx, cfg: TrainConfig, rng):
     """Images, per-tissue targets (N x T x H x W, -1 unknown) and ring weights for one batch.
 
