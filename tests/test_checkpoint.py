@@ -121,3 +121,22 @@ def test_registry_active_and_fallback(saved, tmp_path):
     assert v in reg.versions()
     reg.reset_active()
     assert reg.active() == reg.versions()[-1] or reg.active() is None
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    """mkstemp makes 0600 files; what the project writes must be readable as the umask allows."""
+    import os
+    import stat
+
+    from napari_omniseg._io import atomic_write_bytes
+    from napari_omniseg.model import new_checkpoint, save_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.json", b"{}")
+        ck = new_checkpoint(seed=0)
+        p = save_checkpoint(ck.model, tmp_path / "m.safetensors", ck.tissues)
+    finally:
+        os.umask(old)
+    for f in (tmp_path / "a.json", p, p.with_suffix(".json")):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f

@@ -21,6 +21,23 @@ def fsync_dir(d: "str | Path") -> None:
         os.close(fd)
 
 
+def umask_mode(base: int = 0o666) -> int:
+    """The mode a plain ``open()`` would give a new file under the current umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
+def apply_umask(fd_or_path: "int | str | Path") -> None:
+    """Give a file made by ``tempfile.mkstemp`` (always 0600) the user's usual mode, so a
+    colleague's QuPath or another account can read what the project writes."""
+    mode = umask_mode()
+    if isinstance(fd_or_path, int):
+        os.fchmod(fd_or_path, mode)
+    else:
+        os.chmod(fd_or_path, mode)
+
+
 def atomic_write_bytes(path: "str | Path", data: bytes, overwrite: bool = True) -> None:
     """Write ``data`` to ``path`` via a fsynced temporary file and a rename.
 
@@ -33,6 +50,7 @@ def atomic_write_bytes(path: "str | Path", data: bytes, overwrite: bool = True) 
         raise FileExistsError(f"{path} exists; refusing to overwrite")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        apply_umask(fd)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

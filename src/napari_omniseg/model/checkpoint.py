@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .._io import atomic_write_bytes, fsync_dir as _fsync_dir
+from .._io import apply_umask, atomic_write_bytes, fsync_dir as _fsync_dir
 from ..tissues import TISSUES, Tissue, tissues_from_json, tissues_to_json
 from .network import NetConfig, OmniSegNet
 
@@ -117,9 +117,11 @@ def save_checkpoint(
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    apply_umask(fd)
     os.close(fd)
     try:
         save_file(state, tmp, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        apply_umask(tmp)  # save_file may recreate the file
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         digest = sha256_file(tmp)
