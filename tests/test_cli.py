@@ -100,3 +100,14 @@ def test_dask_cluster_gives_identical_output(ckpt_path, slide, tmp_path):
     assert b.complete
     for name in ["distal_tubule", "glomerular_tuft", MAP_NAME]:
         np.testing.assert_array_equal(a.read(name), b.read(name), err_msg=name)
+
+
+def test_multi_slide_outputs_never_collide(tmp_path):
+    from napari_omniseg.inference.cli import _outputs, slide_stem
+
+    assert slide_stem("x/case.a.ome.tif") == "case.a" and slide_stem("k.svs") == "k"
+    outs = _outputs(["a/case.a.ome.tif", "a/case.b.ome.tif", "s1/kidney.ome.tif", "s2/kidney.ome.tif"], tmp_path)
+    assert len(set(outs)) == 4
+    assert [p.name for p in outs[:2]] == ["case.a.ome.zarr", "case.b.ome.zarr"]
+    assert {p.name for p in outs[2:]} == {"s1-kidney.ome.zarr", "s2-kidney.ome.zarr"}
+    assert len(set(_outputs(["a/k.svs", "b/a/k.svs", "c/a/k.svs"], tmp_path))) == 3

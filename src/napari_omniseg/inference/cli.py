@@ -37,12 +37,40 @@ def engine_config(a) -> "EngineConfig":
                         skip_background=not a.no_skip_background, threads=a.threads)
 
 
+_SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".svs", ".ndpi", ".mrxs", ".scn", ".zarr",
+                   ".png", ".jpg", ".jpeg")
+
+
+def slide_stem(path) -> str:
+    """A slide's name without its format suffix (``case.a.ome.tif`` -> ``case.a``)."""
+    name = Path(path).name
+    for suf in _SLIDE_SUFFIXES:
+        if name.lower().endswith(suf):
+            return name[: -len(suf)] or name
+    return Path(name).stem or name
+
+
 def _outputs(slides, out) -> list[Path]:
+    """One output per slide; slides whose names still collide get their folder's name too."""
     if len(slides) == 1:
         return [Path(out)]
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
-    return [d / (Path(s).name.split(".")[0] + ".ome.zarr") for s in slides]
+    stems = [slide_stem(s) for s in slides]
+    names = []
+    for s, stem in zip(slides, stems):
+        if stems.count(stem) > 1:
+            stem = f"{Path(s).resolve().parent.name}-{stem}"
+        names.append(stem)
+    out, used = [], set()
+    for n in names:  # still equal (same folder name too): number them
+        cand, k = n, 1
+        while cand in used:
+            k += 1
+            cand = f"{n}-{k}"
+        used.add(cand)
+        out.append(d / (cand + ".ome.zarr"))
+    return out
 
 
 def segment_one(slide: str, out: str, checkpoint: str | None, tissues, region, cfg_dict: dict, mpp: float | None,
