@@ -140,3 +140,25 @@ def test_written_files_follow_the_umask(tmp_path):
         os.umask(old)
     for f in (tmp_path / "a.json", p, p.with_suffix(".json")):
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda d: d["architecture"].__setitem__("widths", [32, 64, 128, 256, 200000]), "outside"),
+    (lambda d: d["architecture"].__setitem__("n_tissues", 10**6), "outside"),
+    (lambda d: d["normalization"].__setitem__("std", [0, 0, 0]), "std must be > 0"),
+    (lambda d: d["normalization"].__setitem__("mean", "abc"), "finite numbers"),
+])
+def test_crafted_sidecars_are_refused_before_allocating(tmp_path, edit, words):
+    import json
+
+    from napari_omniseg.model import new_checkpoint, save_checkpoint
+    from napari_omniseg.model.checkpoint import CheckpointError, load_checkpoint, sidecar_path
+
+    ck = new_checkpoint(seed=0)
+    p = save_checkpoint(ck.model, tmp_path / "m.safetensors", ck.tissues)
+    side = sidecar_path(p)
+    d = json.loads(side.read_text())
+    edit(d)
+    side.write_text(json.dumps(d))
+    with pytest.raises(CheckpointError, match=words):
+        load_checkpoint(p)

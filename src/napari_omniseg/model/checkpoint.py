@@ -178,6 +178,44 @@ def read_sidecar(path: "str | Path") -> dict:
     return meta
 
 
+def check_architecture(cfg: NetConfig) -> None:
+    """Refuse sizes no real checkpoint has before anything is allocated (a crafted
+    sidecar asking for a 200,000-wide layer would otherwise try to allocate terabytes)."""
+    def rng(name, v, lo, hi):
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise ValueError(f"{name} = {v!r} is outside {lo}..{hi}")
+
+    if not 2 <= len(cfg.widths) <= 8 or len(cfg.blocks) != len(cfg.widths):
+        raise ValueError(f"widths {list(cfg.widths)} / blocks {list(cfg.blocks)}: 2 to 8 stages, one block count each")
+    for w in cfg.widths:
+        rng("width", w, 1, 2048)
+        if w % cfg.groups:
+            raise ValueError(f"width {w} is not a multiple of groups = {cfg.groups}")
+    for b in cfg.blocks:
+        rng("blocks", b, 1, 16)
+    rng("n_tissues", cfg.n_tissues, 1, 256)
+    rng("n_scales", cfg.n_scales, 1, 16)
+    rng("head_channels", cfg.head_channels, 1, 64)
+    rng("in_channels", cfg.in_channels, 1, 16)
+    rng("groups", cfg.groups, 1, 2048)
+    if any(not isinstance(v, int) or not 0 <= v < cfg.n_scales for v in cfg.tissue_scales):
+        raise ValueError(f"tissue_scales {list(cfg.tissue_scales)} must be scale ids 0..{cfg.n_scales - 1}")
+
+
+def check_normalization(norm) -> None:
+    """Mean and std per input channel, finite, std > 0 (a zero std turns every image into NaN or Inf)."""
+    import math
+
+    if not isinstance(norm, dict):
+        raise ValueError(f"normalization must be an object, got {type(norm).__name__}")
+    for key in ("mean", "std"):
+        v = norm.get(key)
+        if not isinstance(v, list) or not v or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in v):
+            raise ValueError(f"normalization {key} must be a list of finite numbers, got {v!r}")
+    if any(x <= 0 for x in norm["std"]):
+        raise ValueError(f"normalization std must be > 0 for every channel, got {norm['std']}")
+
+
 def load_checkpoint(path: "str | Path", device: "str | torch.device" = "cpu", verify: bool = True) -> Checkpoint:
     """Load a checkpoint; never unpickles.
 
@@ -202,9 +240,11 @@ def load_checkpoint(path: "str | Path", device: "str | torch.device" = "cpu", ve
             )
     try:
         cfg = NetConfig.from_dict(meta["architecture"])
+        check_architecture(cfg)
         tissues = tissues_from_json(meta["tissues"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{sidecar_path(path).name}: bad architecture or tissue list ({e})") from None
+        check_normalization(meta.get("normalization", dict(DEFAULT_NORMALIZATION)))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{sidecar_path(path).name}: bad architecture, tissue list or normalisation ({e})") from None
     if len(tissues) != cfg.n_tissues:
         raise CheckpointError(f"{path.name}: sidecar lists {len(tissues)} tissues for {cfg.n_tissues} tissue slots")
     try:
