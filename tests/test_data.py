@@ -129,3 +129,20 @@ def test_augment_is_seeded_and_keeps_mask_aligned():
             assert a[..., 0][m].mean() > a[..., 0][~m].mean() + 0.3
     c, cm = random_crop(img, msk, 32, rng(0))
     assert c.shape == (32, 32, 3) and cm.shape == (32, 32)
+
+
+def test_two_processes_appending_to_one_manifest_keep_every_row(tmp_path):
+    """Real concurrent processes: 2 x 100 appends, none lost."""
+    import subprocess
+    import sys
+
+    from napari_omniseg.training.manifest import read_manifest_rows
+
+    man = tmp_path / "manifest.csv"
+    code = ("import sys\nfrom napari_omniseg.training.manifest import append_manifest_rows\n"
+            "for i in range(100):\n"
+            "    append_manifest_rows(sys.argv[1], [{'image_path': f'{sys.argv[2]}-{i}.png', 'label_path': 'm.png'}])\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(man), tag]) for tag in ("a", "b")]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    rows = read_manifest_rows(man)
+    assert len(rows) == 200 and len({r["image_path"] for r in rows}) == 200

@@ -38,6 +38,35 @@ def apply_umask(fd_or_path: "int | str | Path") -> None:
         os.chmod(fd_or_path, mode)
 
 
+class InUseError(RuntimeError):
+    """Another process holds the lock of a file the project writes."""
+
+
+def process_lock(path: "str | Path", timeout: float = 60.0):
+    """An inter-process lock beside ``path`` (``<path>.lock``): a second writer waits up to
+    ``timeout`` seconds, then gets :class:`InUseError` naming the file (never a lost write)."""
+    from contextlib import contextmanager
+
+    import filelock
+
+    lock_path = str(path) + ".lock"
+
+    @contextmanager
+    def held():
+        lock = filelock.FileLock(lock_path, timeout=timeout)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            raise InUseError(f"{path} is in use by another process (lock {lock_path} held for over {timeout:.0f} s); "
+                             "try again when it has finished") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    return held()
+
+
 def atomic_write_bytes(path: "str | Path", data: bytes, overwrite: bool = True) -> None:
     """Write ``data`` to ``path`` via a fsynced temporary file and a rename.
 

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from .._io import atomic_write_bytes
+from .._io import atomic_write_bytes, process_lock
 
 #: columns in order; the first five are Omni-Seg's data_list.csv
 MANIFEST_COLUMNS = (
@@ -59,7 +59,8 @@ def append_manifest_rows(path: "str | Path", rows: Iterable[Mapping]) -> int:
         bad = set(r) - set(MANIFEST_COLUMNS)
         if bad:
             raise ValueError(f"unknown manifest columns: {sorted(bad)}")
-    with _LOCK:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _LOCK, process_lock(path):  # threads of this process, and other processes
         old = path.read_bytes() if path.exists() else b""
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
