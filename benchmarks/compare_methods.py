@@ -104,7 +104,11 @@ def _load1() -> float:
 # --------------------------------------------------------------------------- one run
 def run_one(method: str, seed: int, tr, va, te, a) -> dict:
     cfg = TrainConfig(epochs=a.epochs, crop=a.crop, batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr,
-                      seed=seed, threads=a.threads, val_every=a.val_every, device="cpu")
+                      seed=seed, threads=a.threads, val_every=a.val_every, device="cpu",
+                      # every method on the same data stream: the baselines read it through the loop's
+                      # reference batch builder, so the anatomy-derived labels, object crops and balanced
+                      # steps of the current recipe stay off here (the comparison is like for like)
+                      relations=False, balanced=False, object_crop=0.0)
 
     def prog(ev):
         if ev.get("phase") == "epoch":

@@ -110,6 +110,10 @@ def test_multiclass_target_unlabelled_is_background():
     assert float(loss) == pytest.approx(float(ce + dice), rel=1e-6)
 
 
+#: the data stream the baselines share with Omni-Seg (benchmarks/compare_methods.py sets the same)
+REFERENCE_STREAM = {"relations": False, "balanced": False, "object_crop": 0.0}
+
+
 @pytest.fixture(scope="module")
 def two_patches(demo_dir):
     """Two real glomerular-unit training patches, cut to their central 64 x 64 px."""
@@ -119,7 +123,7 @@ def two_patches(demo_dir):
 
 @pytest.mark.parametrize("name", [*sorted(BASELINES), "omniseg"])
 def test_two_epochs_decrease_the_loss(name, two_patches):
-    cfg = TrainConfig(epochs=2, batch_size=2, crop=32, lr=3e-3, augment=False, seed=0, threads=1)
+    cfg = TrainConfig(epochs=2, batch_size=2, crop=32, lr=3e-3, augment=False, seed=0, threads=1, **REFERENCE_STREAM)
     if name == "omniseg":
         _, hist = train(two_patches, [], None, cfg)
     else:
@@ -150,7 +154,7 @@ def test_baselines_see_the_same_pixels_as_omniseg(two_patches, monkeypatch):
             return out
         return wrapped
 
-    cfg = TrainConfig(epochs=2, batch_size=1, crop=32, augment=True, seed=3, threads=1)
+    cfg = TrainConfig(epochs=2, batch_size=1, crop=32, augment=True, seed=3, threads=1, **REFERENCE_STREAM)
     monkeypatch.setattr(loop, "_batch_tensors", recorder("omniseg", loop._batch_tensors))
     train(two_patches, [], None, cfg)
     monkeypatch.setattr(baselines, "_batch_tensors", recorder("baseline", baselines._batch_tensors))

@@ -96,10 +96,13 @@ def test_dask_cluster_gives_identical_output(ckpt_path, slide, tmp_path):
         assert main(["segment", str(slide), str(slide), "-o", str(tmp_path / "dist"), "--scheduler",
                      cl.scheduler_address, *common]) == 0
     a = LabelStore(tmp_path / "local.ome.zarr")
-    b = LabelStore(tmp_path / "dist" / "mosaic.ome.zarr")
-    assert b.complete
-    for name in ["distal_tubule", "glomerular_tuft", MAP_NAME]:
-        np.testing.assert_array_equal(a.read(name), b.read(name), err_msg=name)
+    outs = sorted((tmp_path / "dist").glob("*.ome.zarr"))
+    assert len(outs) == 2, outs  # the slide was given twice: two outputs, never one overwritten
+    for out in outs:
+        b = LabelStore(out)
+        assert b.complete
+        for name in ["distal_tubule", "glomerular_tuft", MAP_NAME]:
+            np.testing.assert_array_equal(a.read(name), b.read(name), err_msg=name)
 
 
 def test_multi_slide_outputs_never_collide(tmp_path):

@@ -20,8 +20,13 @@ SMALL = (0, 0, 256, 256)  # a level-0 (x, y, w, h) region of the renal sample: 2
 def registry():
     from napari_omniseg.model import ModelRegistry, new_checkpoint, save_checkpoint
 
+    from napari_omniseg.model.network import NetConfig
+    from napari_omniseg.tissues import TISSUES
+
     reg = ModelRegistry()  # under the per-test OMNISEG_HOME (conftest)
-    ck = new_checkpoint(seed=0)
+    # a random model with the reference controller: it marks (almost) nothing, so painting shows
+    cfg = NetConfig(tissue_scales=tuple(t.scale_id for t in TISSUES), pool_norm="none", controller_init="uniform")
+    ck = new_checkpoint(cfg=cfg, seed=0)
     reg.set_active(save_checkpoint(ck.model, reg.root / "base.safetensors", ck.tissues))
     return reg
 

@@ -106,7 +106,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
 
         with Client(a.scheduler) as client:
             futs = [client.submit(segment_one, s, str(o), a.checkpoint, a.tissues, a.region, asdict(cfg), a.mpp,
-                                  pure=False, key=f"omniseg-{Path(s).name}")
+                                  pure=False, key=f"omniseg-{Path(o).name}")  # one task per output
                     for s, o in zip(a.slides, outs)]
             for f in futs:
                 r = f.result()
