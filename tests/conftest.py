@@ -13,7 +13,7 @@ if not DEMO.exists():  # CI clones the repo beside shared/ too; allow an overrid
 BARE = os.environ.get("OMNISEG_TESTS_WITHOUT_SHARED") == "1" or not DEMO.exists()
 
 #: the split each bundled patch gets in the generated demo folder (per tissue, in order)
-_MINI_SPLITS = ("val", "test", "train", "train", "train", "train")
+_MINI_SPLITS = ("train", "val", "test", "train", "train", "train")
 
 
 def _write_mini_demo(root: Path) -> Path:

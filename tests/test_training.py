@@ -53,7 +53,7 @@ def test_loss_decreases_on_real_patches(demo, tmp_path):
     # one step per epoch on object crops at random places: compare epoch means, not single steps
     assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:2]), losses
     ck = load_checkpoint(tmp_path / "m.safetensors")
-    assert ck.provenance["epochs"] == 8 and ck.provenance["n_train"] == 4
+    assert ck.provenance["epochs"] == 8 and ck.provenance["n_train"] == len(few)
 
 
 def test_same_seed_same_weights_and_resume_is_exact(demo, tmp_path):
