@@ -49,6 +49,11 @@ def main(argv=None) -> int:
                    help="another dataset (manifest/CSV/folder) whose samples are all added to training; repeatable")
     p.add_argument("--external", action="append", default=[],
                    help="a dataset to score after training (never trained on here unless also --extra); repeatable")
+    p.add_argument("--hold-out-every", type=int, default=0, metavar="N",
+                   help="hold every N-th sample of each --extra set (sorted by image path) out of training and "
+                        "score it as an external set: an unseen-tile estimate for data added to training")
+    p.add_argument("--init", help="warm start: fine-tune this checkpoint instead of a new model "
+                                  "('shipped' = the model in the package)")
     p.add_argument("--reference-recipe", action="store_true",
                    help="the earlier recipe: only the labelled tissue, per-image Dice+BCE, uniform crops, one pass per epoch, "
                         "reference controller init")
@@ -76,8 +81,13 @@ def main(argv=None) -> int:
 
     tr = load_arrays(stains(select(samples, a.train_split), a.stains))
     n_demo_train = len(tr)
+    held_out = []
     for extra in a.extra:
-        tr += load_arrays(load_dataset(extra))
+        ex = sorted(load_dataset(extra), key=lambda s: str(s.image_path))
+        if a.hold_out_every:
+            held_out += [s for i, s in enumerate(ex) if i % a.hold_out_every == a.hold_out_every - 1]
+            ex = [s for i, s in enumerate(ex) if i % a.hold_out_every != a.hold_out_every - 1]
+        tr += load_arrays(ex)
     va = load_arrays(stains(select(samples, a.val_split), a.stains)) if a.val_split != "none" else []
     te = load_arrays(stains(select(samples, "test"), a.test_stains))
     ref = a.reference_recipe
@@ -88,7 +98,12 @@ def main(argv=None) -> int:
                       balanced=not (ref or a.no_balance),
                       controller_lr_mult=1.0 if (ref or a.uniform_init) else 0.1)
     init = None
-    if ref or a.uniform_init:
+    if a.init:
+        from napari_omniseg.model.checkpoint import load_checkpoint
+        from napari_omniseg.model.registry import shipped_checkpoint
+
+        init = load_checkpoint(shipped_checkpoint() if a.init == "shipped" else a.init)
+    elif ref or a.uniform_init:
         from napari_omniseg.model.checkpoint import new_checkpoint
         from napari_omniseg.model.network import NetConfig
         from napari_omniseg.tissues import TISSUES
@@ -109,6 +124,7 @@ def main(argv=None) -> int:
                      provenance={"data": "renal-demo", "train_split": a.train_split, "val_split": a.val_split,
                                  "extra_data": [Path(e).parent.name if Path(e).is_file() else Path(e).name for e in a.extra],
                                  "n_extra": len(tr) - n_demo_train, "stains": a.stains or "all",
+                                 "init": a.init or "new",
                                  "command": " ".join(["python", "benchmarks/train_demo.py", *(argv or sys.argv[1:])])},
                      save_dtype=torch.float16 if a.fp16 else torch.float32)
     train_s = time.perf_counter() - t0
@@ -120,8 +136,10 @@ def main(argv=None) -> int:
     print(head)
     print(table)
     external = {}
-    for ext in a.external:
-        ex = load_arrays(load_dataset(ext))
+    ext_sets = [(e, load_arrays(load_dataset(e))) for e in a.external]
+    if held_out:
+        ext_sets.append((f"held-out 1 in {a.hold_out_every} of --extra", load_arrays(held_out)))
+    for ext, ex in ext_sets:
         erows, esumm = evaluate_samples(ck, ex, device=a.device)
         external[ext] = {"summary": esumm, "rows": erows}
         print(f"external {ext} ({len(ex)} images):")

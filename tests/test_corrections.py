@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,20 +46,20 @@ def test_slide_stem_and_default_project_dir(tmp_path):
     assert slide_stem("c.ome.zarr") == "c"
     p = tmp_path / "s1.svs"
     p.write_bytes(b"x")
-    assert default_project_dir(p) == tmp_path / "s1.omniseg"
-    # an in-memory image goes under OMNISEG_HOME
+    # never beside the slide (a shared slide store must not fill with project folders)
+    d = default_project_dir(p)
+    assert d.parent.name == "projects" and d.name.startswith("s1-") and d.suffix == ".omniseg"
+    assert not (tmp_path / "s1.omniseg").exists()
+    # two slides with one name get two projects
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "s1.svs").write_bytes(b"x")
+    assert default_project_dir(tmp_path / "b" / "s1.svs") != d
+    # an in-memory image goes under OMNISEG_HOME too
     d = default_project_dir(None, name="my image")
     assert d.name == "my_image.omniseg" and "projects" in d.parts
-    # a read-only slide folder is left alone, even for root
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    (ro / "s2.svs").write_bytes(b"x")
-    ro.chmod(0o555)
-    try:
-        d = default_project_dir(ro / "s2.svs")
-        assert d.parent.name == "projects" and d.name.startswith("s2-") and d.suffix == ".omniseg"
-    finally:
-        ro.chmod(0o755)
+    # a project that an earlier version made beside the slide is still found
+    beside = CorrectionSession.open(tmp_path / "s1.omniseg", _slide())
+    assert default_project_dir(p) == beside.folder
 
 
 def test_autosave_is_debounced_and_survives_a_crash(tmp_path):
@@ -94,6 +95,46 @@ def test_work_file_newer_than_state_is_used(tmp_path):
     (s.folder / "session.json").write_bytes(state)  # as if the rename of the state never happened
     s2 = CorrectionSession.open(s.folder, _slide())
     assert (s2.regions["distal_tubule"].data == 1).all()
+
+
+def test_no_edit_escapes_detection(tmp_path):
+    """An erase and a paint 65,521 bytes apart leave adler32 unchanged; the edit must
+    still be seen (saved, and counted as an uncommitted edit)."""
+    import zlib
+
+    pred = np.zeros((300, 300), np.uint8)
+    pred.flat[100] = 1
+    s = _session(tmp_path)
+    wr = s.set_region(DT, pred, (0, 0), 2.0, 1.0, (0, 0, 600, 600))
+    before = zlib.adler32(wr.data.data)
+    wr.data.flat[100] = 0  # erase
+    wr.data.flat[100 + 65521] = 1  # paint
+    assert zlib.adler32(wr.data.data) == before  # the case is real
+    assert s.pending() == ["distal_tubule"] and wr.has_uncommitted_edits()
+    assert s.save() == ["distal_tubule"]
+    s2 = CorrectionSession.open(s.folder, _slide())
+    assert s2.regions["distal_tubule"].data.flat[100 + 65521] == 1
+    assert s2.regions["distal_tubule"].has_uncommitted_edits()
+
+
+def test_project_of_an_earlier_version_keeps_its_edit_state(tmp_path):
+    """session.json of earlier versions stored adler32 ints as checksums."""
+    import zlib
+
+    s = _session(tmp_path)
+    s.set_region(DT, _pred((40, 40)), (0, 0), 2.0, 1.0, (0, 0, 80, 80))
+    s.set_region(get_tissue("proximal_tubule"), _pred((40, 40), seed=1), (0, 0), 2.0, 1.0, (0, 0, 80, 80))
+    s.regions["proximal_tubule"].data[:5] = 1
+    s.save()
+    st = json.loads((s.folder / "session.json").read_text())
+    for name, r in st["regions"].items():
+        base = _pred((40, 40), seed=0 if name == "distal_tubule" else 1)
+        r["baseline_checksum"] = zlib.adler32(base.data) & 0xFFFFFFFF
+        r["saved_checksum"] = 0
+    (s.folder / "session.json").write_text(json.dumps(st))
+    s2 = CorrectionSession.open(s.folder, _slide())
+    assert not s2.regions["distal_tubule"].has_uncommitted_edits()
+    assert s2.regions["proximal_tubule"].has_uncommitted_edits()
 
 
 def test_project_of_another_image_is_refused(tmp_path):
@@ -139,6 +180,67 @@ def test_commit_only_reviewed_and_supersede(tmp_path):
     assert [c.id for c in ex] == [r2.id]  # the older commit of the same region is superseded
     st = json.loads((s.folder / "session.json").read_text())
     assert [c["superseded"] for c in st["commits"]] == [True, False]
+
+
+@pytest.mark.parametrize("crash_at", ["commit-file", "store", "state"])
+def test_a_crash_at_every_commit_write_leaves_a_state_the_next_start_repairs(tmp_path, monkeypatch, crash_at):
+    """Inject a crash at each write of Commit (the commit file, the label store, the
+    session record), reopen as after a restart: the edit is still there, still to commit,
+    and the next Commit succeeds and is recorded."""
+    from napari_omniseg.corrections import session as sess
+
+    tissues = [DT, PT]
+    st = _store(tmp_path, tissues)
+    s = _session(tmp_path)
+    s.store_path = str(st.path)
+    data = np.array(st.level(DT.name, 0)[0:40, 0:40])
+    wr = s.set_region(DT, data, (0, 0), DT.mpp / 0.5, DT.mpp, (0, 0, 80, 80))
+    wr.data[5:25, 5:25] = 1 - wr.data[5:25, 5:25]
+    s.set_reviewed(DT)
+    s.save()
+    edited = wr.data.copy()
+
+    class Crash(Exception):
+        pass
+
+    real_write, real_store = sess.atomic_write_bytes, sess.write_region_to_store
+
+    def write(path, data, **kw):
+        if (crash_at == "state" and Path(path).name == "session.json") or \
+                (crash_at == "commit-file" and Path(path).parent.name == "commits"):
+            if crash_at == "commit-file":
+                real_write(path, data, **kw)  # the file landed, the process died right after
+            raise Crash(path)
+        return real_write(path, data, **kw)
+
+    def store_write(*a, **kw):
+        raise Crash("store")
+
+    monkeypatch.setattr(sess, "atomic_write_bytes", write)
+    if crash_at == "store":
+        monkeypatch.setattr(sess, "write_region_to_store", store_write)
+    with pytest.raises(Crash):
+        s.commit()
+    monkeypatch.setattr(sess, "atomic_write_bytes", real_write)
+    monkeypatch.setattr(sess, "write_region_to_store", real_store)
+    del s, wr
+    s2 = CorrectionSession.open(tmp_path / "proj.omniseg", _slide())
+    r = s2.regions["distal_tubule"]
+    np.testing.assert_array_equal(r.data, edited)
+    assert r.reviewed and r.has_uncommitted_edits() and not s2.commits
+    (rec,) = s2.commit()
+    assert rec.store_written
+    np.testing.assert_array_equal(s2.load_commit(rec), edited)
+    np.testing.assert_array_equal(LabelStore_read(st.path, DT.name)[0:40, 0:40], edited)
+    s3 = CorrectionSession.open(tmp_path / "proj.omniseg", _slide())
+    assert [c.id for c in s3.commits] == [rec.id] and not s3.regions["distal_tubule"].has_uncommitted_edits()
+    assert [c.id for c in s3.exportable()] == [rec.id]
+
+
+def LabelStore_read(path, name):
+    from napari_omniseg.labels.store import LabelStore
+
+    return LabelStore(path).read(name, 0)
 
 
 def _store(tmp_path, tissues, shape0=(600, 800), mpp0=0.5, chunk=64):

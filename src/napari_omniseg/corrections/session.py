@@ -27,6 +27,7 @@ background, so only reviewed tissues are exported as training data.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -80,32 +81,41 @@ def projects_home() -> Path:
     return default_home() / "projects"
 
 
-def _writable(d: Path) -> bool:
-    """Writable, and not marked read-only (root may write anywhere; a data folder whose
-    mode says read-only is still left alone)."""
-    try:
-        return os.access(d, os.W_OK) and bool(d.stat().st_mode & 0o222)
-    except OSError:
-        return False
-
-
 def default_project_dir(slide: "str | Path | None", name: str | None = None) -> Path:
-    """``<slide folder>/<slide stem>.omniseg`` when that folder is writable, else a
-    folder under ``$OMNISEG_HOME/projects`` named after the slide (and a hash of its
-    path, so two slides with one name do not share a project).  Images without a
-    file (an in-memory napari layer) use ``name``."""
+    """A folder under ``$OMNISEG_HOME/projects`` named after the slide and a hash of its
+    path (two slides with one name do not share a project; a shared slide store is never
+    written to).  A project already beside the slide (``<slide folder>/<slide
+    stem>.omniseg``, where earlier versions put it) is kept.  Images without a file (an
+    in-memory napari layer) use ``name``."""
     if slide:
         p = Path(slide).resolve()
-        cand = p.parent / f"{slide_stem(p)}.omniseg"
-        if cand.exists() or _writable(p.parent):
-            return cand
+        beside = p.parent / f"{slide_stem(p)}.omniseg"
+        if (beside / "session.json").exists():
+            return beside
         h = zlib.crc32(str(p).encode()) & 0xFFFFFFFF
         return projects_home() / f"{safe_name(slide_stem(p))}-{h:08x}.omniseg"
     return projects_home() / f"{safe_name(name or 'image')}.omniseg"
 
 
-def checksum(a: np.ndarray) -> int:
-    return zlib.adler32(np.ascontiguousarray(a).data) & 0xFFFFFFFF
+def checksum(a: np.ndarray) -> str:
+    """SHA-256 of the array's bytes, shape and dtype: edit detection that no edit can
+    escape (a rolling checksum such as adler32 misses some erase + paint pairs)."""
+    h = hashlib.sha256(np.ascontiguousarray(a).data)
+    h.update(f"{a.shape}{a.dtype}".encode())
+    return h.hexdigest()[:32]
+
+
+def _baseline_from_json(value, data: np.ndarray) -> str:
+    """Read a stored baseline checksum; projects of earlier versions stored adler32 ints."""
+    if isinstance(value, str):
+        return value
+    try:
+        old = int(value)
+    except (TypeError, ValueError):
+        return ""
+    if old == (zlib.adler32(np.ascontiguousarray(data).data) & 0xFFFFFFFF):
+        return checksum(data)  # the array is still its baseline
+    return f"adler32:{old}"  # differs from its baseline: never equal to a real checksum
 
 
 def _npz_bytes(**arrays) -> bytes:
@@ -141,9 +151,9 @@ class WorkingRegion:
     reviewed: bool = False
     created: str = ""
     #: checksum of the array as last written to work/
-    saved_checksum: int = 0
+    saved_checksum: str = ""
     #: checksum of the prediction or of the last commit: differs => uncommitted edits
-    baseline_checksum: int = 0
+    baseline_checksum: str = ""
     last_save: float = 0.0  #: time.monotonic() of the last save
 
     @property
@@ -304,7 +314,7 @@ class CorrectionSession:
             model_version=meta.get("model_version", ""),
             reviewed=bool(meta.get("reviewed", False)),
             created=meta.get("created", ""),
-            baseline_checksum=int(meta.get("baseline_checksum", 0)),
+            baseline_checksum=_baseline_from_json(meta.get("baseline_checksum", ""), data),
         )
         # the array on disk may be newer than session.json (crash between the two writes)
         wr.saved_checksum = checksum(data)
@@ -457,7 +467,7 @@ class CorrectionSession:
         out = []
         for n in names:
             wr = self.regions[n]
-            cid = 1 + max((c.id for c in self.commits), default=0)
+            cid = self._next_commit_id()
             rel = f"commits/{cid:04d}-{n}.npz"
             atomic_write_bytes(self.folder / rel, _npz_bytes(data=wr.data, origin=np.array(wr.origin),
                                                              factor=np.array(wr.factor)), overwrite=False)
@@ -475,6 +485,17 @@ class CorrectionSession:
             out.append(rec)
         self._write_state()
         return out
+
+    def _next_commit_id(self) -> int:
+        """One past every recorded commit and every commit file on disk: a crash after a
+        commit file was written but before session.json recorded it leaves a file that
+        no record names; the next commit takes the next number instead of failing on it."""
+        on_disk = []
+        for f in (self.folder / "commits").glob("*.npz"):
+            m = re.match(r"(\d+)-", f.name)
+            if m:
+                on_disk.append(int(m.group(1)))
+        return 1 + max([c.id for c in self.commits] + on_disk, default=0)
 
     def _committed(self, name: str, wr: WorkingRegion) -> bool:
         """Whether this very region of ``name`` was committed already (and not replaced)."""
