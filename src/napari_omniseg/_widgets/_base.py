@@ -62,13 +62,28 @@ class OmnisegWidget(Container):
         self.state = get_state(viewer)
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
+        self._error_text = ""
+        # an error message describes the state it was raised in: once that state changes
+        # (a region segmented, a tissue reviewed, a commit, a layer added or selected),
+        # it is cleared instead of standing there after the problem is fixed
+        self.state.changed.connect(lambda *_: self.clear_error())
+        viewer.layers.events.inserted.connect(lambda *_: self.clear_error())
+        viewer.layers.selection.events.active.connect(lambda *_: self.clear_error())
 
     def set_status(self, text: str) -> None:
         self.status.value = text
+        self._error_text = ""
 
     def error(self, msg: str) -> None:
         self.set_status(msg)
+        self._error_text = msg
         show_error(msg)
+
+    def clear_error(self) -> None:
+        """Remove the status line if it still shows the last error."""
+        if self._error_text and self.status.value == self._error_text:
+            self.status.value = ""
+        self._error_text = ""
 
     def info(self, msg: str) -> None:
         self.set_status(msg)

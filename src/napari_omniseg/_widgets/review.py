@@ -175,6 +175,7 @@ class ReviewWidget(OmnisegWidget):
             return []
         if saved:
             self._saved.value = f"Autosaved {', '.join(saved)} at {time.strftime('%H:%M:%S')}"
+            self.refresh()  # undo/redo change the array without a paint event: rows follow the save
         return saved
 
     # ------------------------------------------------------------------ actions

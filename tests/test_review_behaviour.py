@@ -1,0 +1,86 @@
+"""What a pathologist sees in the Review widget while correcting (run under xvfb-run).
+
+Widgets are opened the way a user opens them (napari's plugin machinery), on the
+renal sample, with a small random model so that painting is visible.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytestmark = pytest.mark.gui
+
+SMALL = (0, 0, 256, 256)
+
+
+@pytest.fixture
+def opened(make_napari_viewer, demo_dir):
+    from napari_omniseg.inference.engine import EngineConfig
+    from napari_omniseg.model import ModelRegistry, new_checkpoint, save_checkpoint
+    from napari_omniseg.model.network import NetConfig
+    from napari_omniseg.tissues import TISSUES
+
+    reg = ModelRegistry()  # under the per-test OMNISEG_HOME (conftest)
+    cfg = NetConfig(tissue_scales=tuple(t.scale_id for t in TISSUES), pool_norm="none", controller_init="uniform")
+    ck = new_checkpoint(cfg=cfg, seed=0)
+    reg.set_active(save_checkpoint(ck.model, reg.root / "base.safetensors", ck.tissues))
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-omniseg", "renal_demo")
+    _, seg = viewer.window.add_plugin_dock_widget("napari-omniseg", "Segment")
+    _, rev = viewer.window.add_plugin_dock_widget("napari-omniseg", "Review and correct")
+    seg.engine_config = EngineConfig(core=128, margin=16, batch_size=4)
+    seg.set_tissues(["distal_tubule", "proximal_tubule"])
+    return viewer, seg, rev
+
+
+def _segment(qtbot, seg, region=SMALL):
+    job = seg.run(region=region)
+    assert job is not None
+    qtbot.waitUntil(lambda: job.finished, timeout=120_000)
+    assert job.error is None, job.error
+
+
+def _layer(viewer, name):
+    return next(lyr for lyr in viewer.layers if lyr.name == name)
+
+
+def test_row_status_follows_undo(opened, qtbot):
+    """Paint -> "to commit"; undo back to the prediction -> no longer "to commit"."""
+    viewer, seg, rev = opened
+    _segment(qtbot, seg)
+    dt = _layer(viewer, "Distal tubule")
+    info = rev._rows["distal_tubule"][1]
+    dt.paint((60, 60), 1, refresh=True)
+    qtbot.waitUntil(lambda: "to commit" in info.value, timeout=6000)
+    dt.undo()  # napari's undo: no paint event
+    qtbot.waitUntil(lambda: "to commit" not in info.value, timeout=6000)
+    assert info.value == "as predicted"
+
+
+def test_an_error_disappears_once_its_cause_is_fixed(opened, qtbot):
+    viewer, seg, rev = opened
+    rev.commit()  # nothing segmented yet
+    assert "segment a region first" in rev.status.value
+    _segment(qtbot, seg)
+    assert rev.status.value == ""  # the region exists now: the old error is gone
+    rev.commit()  # nothing reviewed
+    assert "Mark the tissues you reviewed first" in rev.status.value
+    rev.set_reviewed("distal_tubule")
+    assert rev.status.value == ""
+    assert rev.commit() and "Committed" in rev.status.value  # messages of success stay
+
+
+def test_default_project_folder_is_not_beside_the_slide(opened, qtbot, tmp_path):
+    from pathlib import Path
+
+    from napari_omniseg.corrections.session import projects_home
+
+    viewer, seg, rev = opened
+    _segment(qtbot, seg)
+    folder = Path(seg.state.session.folder)
+    assert folder.parent == projects_home()
+    slide = viewer.layers[0].metadata.get("path")
+    if slide:
+        assert not any(p.suffix == ".omniseg" for p in Path(slide).parent.iterdir())
