@@ -17,6 +17,7 @@ WIDGETS = {  # command id -> (display name, menu it sits in)
     "napari-omniseg.review_widget": ("Review and correct", "napari/layers/annotate"),
     "napari-omniseg.export_widget": ("Export training data", "napari/file/io_utilities"),
     "napari-omniseg.finetune_widget": ("Fine-tune", "napari/file/io_utilities"),
+    "napari-omniseg.measure_widget": ("Measurements", "napari/layers/measure"),
 }
 
 

@@ -84,3 +84,76 @@ def test_default_project_folder_is_not_beside_the_slide(opened, qtbot, tmp_path)
     slide = viewer.layers[0].metadata.get("path")
     if slide:
         assert not any(p.suffix == ".omniseg" for p in Path(slide).parent.iterdir())
+
+
+def _keys(viewer, key):
+    """Press a key the way the canvas does: through napari's key-map handler."""
+    handler = viewer.window._qt_viewer._key_map_handler
+    handler.press_key(key)
+    handler.release_key(key)
+
+
+def test_keyboard_shortcuts_step_tissues_mark_reviewed_and_commit(opened, qtbot):
+    viewer, seg, rev = opened
+    _segment(qtbot, seg)
+    _keys(viewer, "Shift-N")
+    dt = _layer(viewer, "Distal tubule")
+    assert viewer.layers.selection.active is dt and dt.mode == "paint"
+    _keys(viewer, "Shift-N")
+    pt = _layer(viewer, "Proximal tubule")
+    assert viewer.layers.selection.active is pt
+    _keys(viewer, "Shift-N")  # wraps around
+    assert viewer.layers.selection.active is dt
+    _keys(viewer, "Shift-B")
+    assert viewer.layers.selection.active is pt
+    _keys(viewer, "Shift-R")
+    assert seg.state.session.regions["proximal_tubule"].reviewed and rev._rows["proximal_tubule"][0].value
+    _keys(viewer, "Shift-R")
+    assert not seg.state.session.regions["proximal_tubule"].reviewed
+    _keys(viewer, "Shift-R")
+    _keys(viewer, "Shift-C")
+    assert [c.tissue for c in seg.state.session.commits] == ["proximal_tubule"]
+
+
+def test_layer_names_are_readable_and_the_unit_is_an_outline(opened, qtbot):
+    from napari_omniseg.tissues import TISSUES
+
+    viewer, seg, rev = opened
+    seg.set_tissues(["glomerular_unit", "glomerular_tuft"])
+    _segment(qtbot, seg)
+    unit, tuft = _layer(viewer, "Glomerular unit"), _layer(viewer, "Glomerular tuft")
+    assert unit.contour > 0 and tuft.contour == 0  # the tuft's fill shows inside the unit's outline
+    for t in TISSUES:
+        assert "(" not in t.short_label and len(t.short_label) <= 22
+
+
+def test_measurements_dock_counts_and_areas(opened, qtbot, tmp_path):
+    import csv
+
+    viewer, seg, rev = opened
+    _, meas = viewer.window.add_plugin_dock_widget("napari-omniseg", "Measurements")
+    assert meas.rows == [] and "segment" in meas._note.value.lower()
+    _segment(qtbot, seg)
+    session = seg.state.session
+    wr = session.regions["distal_tubule"]
+    wr.data[:] = 0
+    wr.data[10:30, 10:30] = 1  # two objects, 400 + 100 px
+    wr.data[50:60, 50:60] = 1
+    _layer(viewer, "Distal tubule").refresh()
+    rows = meas.measure()
+    dt = next(r for r in rows if r["tissue"] == "distal_tubule")
+    px_um = wr.mpp
+    assert dt["objects"] == 2 and dt["area_um2"] == pytest.approx(500 * px_um**2)
+    x, y, w, h = wr.region
+    assert dt["density_per_mm2"] == pytest.approx(2 / (w * h * session.slide.mpp**2 / 1e6))
+    assert meas.table.rowCount() == len(rows) == 2
+    assert meas.table.item(0, 0).text() == "Distal tubule" and meas.table.item(0, 1).text() == "2"
+    text = meas.copy()
+    from qtpy.QtWidgets import QApplication
+
+    assert QApplication.clipboard().text() == text and text.count("\n") == 3
+    meas._csv.value = str(tmp_path / "m.csv")
+    out = meas.save_csv()
+    got = list(csv.DictReader(out.open()))
+    assert got[0]["tissue"] == "distal_tubule" and int(got[0]["objects"]) == 2
+    assert float(got[0]["area_um2"]) == pytest.approx(500 * px_um**2)

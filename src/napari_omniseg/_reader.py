@@ -139,7 +139,7 @@ def store_layer_data(store) -> list:
         else:
             try:
                 t = get_tissue(n)
-                name, cmap = t.label, tissue_color_dict(t)
+                name, cmap = t.short_label, tissue_color_dict(t)
             except UnknownTissueError:
                 name, cmap = n, {0: "transparent", 1: "white", 255: (0.5, 0.5, 0.5, 0.6), None: "transparent"}
         kw = {

@@ -51,6 +51,11 @@ class Tissue:
         return SCALE_IDS[self.magnification]
 
     @property
+    def short_label(self) -> str:
+        """The label without its parenthesised detail: layer names and narrow docks."""
+        return self.label.split(" (")[0]
+
+    @property
     def rgb(self) -> tuple[int, int, int]:
         c = self.color.lstrip("#")
         return (int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16))
@@ -143,6 +148,12 @@ def exclusive(a: Tissue, b: Tissue) -> bool:
 def contains(outer: Tissue, inner: Tissue) -> bool:
     """True when ``inner`` lies inside ``outer`` (every ``inner`` pixel is an ``outer`` pixel)."""
     return inner.inside == outer.name
+
+
+def encloses_another(t: Tissue, tissues: Sequence[Tissue] = TISSUES) -> bool:
+    """True when some tissue of ``tissues`` lies inside ``t`` (the glomerular unit holds
+    the tuft): the viewer draws such a tissue as an outline so the inner one stays visible."""
+    return any(contains(t, o) for o in tissues)
 
 
 def tissue_names(tissues: Sequence[Tissue] = TISSUES) -> list[str]:

@@ -42,7 +42,7 @@ def describe_error(e: BaseException) -> str:
 
 def short_label(t) -> str:
     """A tissue's label without the parenthesised detail (fits narrow docks)."""
-    return t.label.split(" (")[0]
+    return t.short_label
 
 
 def color_icon(color: str, size: int = 12):

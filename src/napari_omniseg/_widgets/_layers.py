@@ -80,7 +80,7 @@ def show_region(viewer, image_layer, wr, meta: dict):
           "factor": wr.factor, "mpp": wr.mpp, "model_version": wr.model_version, **meta}
     lyr = find_tissue_layer(viewer, t.name, image_layer)
     if lyr is None:
-        lyr = viewer.add_labels(wr.data, name=t.label, scale=scale, translate=translate, opacity=0.5,
+        lyr = viewer.add_labels(wr.data, name=t.short_label, scale=scale, translate=translate, opacity=0.5,
                                 colormap=colormap(tissue_color_dict(t)), metadata={META_KEY: om},
                                 units=image_layer.units[-2:])
     else:
@@ -89,7 +89,22 @@ def show_region(viewer, image_layer, wr, meta: dict):
         lyr.translate = translate
         lyr.data = wr.data
     lyr.selected_label = 1  # painting adds tissue; 0 erases
+    outline_container(lyr, t)
     return lyr
+
+
+#: outline width (screen pixels) of a tissue that holds another one
+CONTOUR_PX = 2
+
+
+def outline_container(layer, tissue) -> None:
+    """Draw a tissue that holds another (the glomerular unit holds the tuft) as its
+    outline, so the inner tissue's fill stays visible inside it.  The layer's Contour
+    control in napari turns it back into a fill (0)."""
+    from ..tissues import TISSUES, encloses_another
+
+    if encloses_another(tissue, TISSUES):
+        layer.contour = CONTOUR_PX
 
 
 def resample_nearest(data: np.ndarray, src_factor: float, src_origin, dst_factor: float, dst_origin, dst_shape):

@@ -28,6 +28,14 @@ if TYPE_CHECKING:
 
 AUTOSAVE_TICK_MS = 1000
 
+#: the plugin's keys in the viewer (free in napari's defaults; listed in the user guide)
+SHORTCUTS = {
+    "Shift-N": ("next_tissue", "select the next tissue layer, ready to paint"),
+    "Shift-B": ("previous_tissue", "select the previous tissue layer"),
+    "Shift-R": ("toggle_reviewed", "mark the selected tissue reviewed (again: not reviewed)"),
+    "Shift-C": ("commit", "commit the reviewed tissues"),
+}
+
 
 class ReviewWidget(OmnisegWidget):
     """Review the segmentation tissue by tissue, correct it, commit what you reviewed."""
@@ -77,6 +85,8 @@ class ReviewWidget(OmnisegWidget):
         if app is not None:  # the last strokes before napari quits
             app.aboutToQuit.connect(self._save_on_quit)
         self._updating = False
+        for key, (method, _help) in SHORTCUTS.items():
+            viewer.bind_key(key, lambda _v, m=method: getattr(self, m)(), overwrite=True)
         self.refresh()
 
     # ------------------------------------------------------------------ state
@@ -152,6 +162,51 @@ class ReviewWidget(OmnisegWidget):
             cb.value = bool(value)
         elif self.session is not None:
             self._reviewed_changed(t.name, bool(value))
+
+    # ------------------------------------------------------------------ keyboard
+    def _working_layers(self):
+        order = {t.name: i for i, t in enumerate(TISSUES)}
+        out = []
+        for lyr in self.viewer.layers:
+            om = (getattr(lyr, "metadata", {}) or {}).get(META_KEY)
+            if isinstance(om, dict) and om.get("kind") == "working" and om.get("tissue") in order:
+                out.append((order[om["tissue"]], lyr))
+        return [lyr for _i, lyr in sorted(out, key=lambda p: p[0])]
+
+    def _step_tissue(self, step: int):
+        layers = self._working_layers()
+        if not layers:
+            self.error("No tissue layers to review: segment a region first.")
+            return None
+        active = self.viewer.layers.selection.active
+        i = layers.index(active) if active in layers else (-1 if step > 0 else 0)
+        lyr = layers[(i + step) % len(layers)]
+        lyr.visible = True
+        self.viewer.layers.selection.active = lyr
+        lyr.mode = "paint"
+        self.set_status(f"{lyr.name}: paint with label 1, erase with 0; Shift+R marks it reviewed.")
+        return lyr
+
+    def next_tissue(self):
+        """Select the next tissue layer (registry order) in paint mode."""
+        return self._step_tissue(+1)
+
+    def previous_tissue(self):
+        return self._step_tissue(-1)
+
+    def toggle_reviewed(self):
+        """Mark the selected tissue layer reviewed, or not reviewed if it was."""
+        lyr = self.viewer.layers.selection.active
+        om = (getattr(lyr, "metadata", {}) or {}).get(META_KEY) if lyr is not None else None
+        if not isinstance(om, dict) or om.get("kind") != "working" or self.session is None \
+                or om.get("tissue") not in self.session.regions:
+            self.error("Select a tissue layer first (Shift+N).")
+            return None
+        name = om["tissue"]
+        value = not self.session.regions[name].reviewed
+        self.set_reviewed(name, value)
+        self.set_status(f"{lyr.name}: {'reviewed' if value else 'not reviewed'}.")
+        return value
 
     # ------------------------------------------------------------------ autosave
     def _save_on_quit(self) -> None:

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, LineEdit, PushButton, RadioButtons, SpinBox
 
-from ..tissues import TISSUES
+from ..tissues import TISSUES, get_tissue
 from ._base import OmnisegWidget, background_threads, color_icon, describe_error, log, short_label
-from ._layers import META_KEY, MAP_LAYER, colormap, compose, complete_map_of, find_map_layer, map_color_dict, show_region
+from ._layers import META_KEY, MAP_LAYER, colormap, compose, complete_map_of, find_map_layer, map_color_dict, outline_container, show_region
 from ._regions import RegionError, fov_region, rect_region, whole_region
 
 if TYPE_CHECKING:
@@ -434,9 +434,14 @@ class SegmentWidget(OmnisegWidget):
                              and l.metadata[META_KEY].get("image") == layer.name), None)
             if existing is not None:
                 self.viewer.layers.remove(existing)
-            self.viewer.add_labels(data, name=f"{kw['name']} (whole slide)", scale=scale, translate=translate,
-                                   multiscale=kw["multiscale"], colormap=kw["colormap"], opacity=kw.get("opacity", 0.5),
-                                   metadata=kw["metadata"], units=layer.units[-2:])
+            added = self.viewer.add_labels(data, name=f"{kw['name']} (whole slide)", scale=scale, translate=translate,
+                                           multiscale=kw["multiscale"], colormap=kw["colormap"],
+                                           opacity=kw.get("opacity", 0.5), metadata=kw["metadata"], units=layer.units[-2:])
+            if om.get("kind") == "store":
+                try:
+                    outline_container(added, get_tissue(name))
+                except Exception:  # noqa: BLE001 - a tissue the registry does not know: drawn filled
+                    pass
 
     def _progress(self, ev: dict) -> None:
         if ev.get("phase") == "segment":

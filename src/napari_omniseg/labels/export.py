@@ -396,33 +396,42 @@ def measurements(
     for name, _lab, _rgb in _resolve(store, tissues):
         k = choose_level(store, name, max_pixels, level)
         arr = np.asarray(store.level(name, k)[...])
-        fg = arr == 1
-        n = int(label(fg, connectivity=2, return_num=True)[1]) if fg.any() else 0
-        px_um = store.mpp(name) * 2**k
-        area = float(np.count_nonzero(fg)) * px_um**2
-        rows.append({
-            "tissue": name,
-            "objects": n,
-            "area_um2": area,
-            "mean_object_area_um2": area / n if n else 0.0,
-            "density_per_mm2": n / area_mm2,
-            "density_basis": basis,
-            "tissue_area_mm2": area_mm2,
-            "unknown_area_um2": float(np.count_nonzero(arr == UNKNOWN)) * px_um**2,
-            "level": k,
-            "pixel_size_um": px_um,
-        })
+        rows.append(measure_mask(name, arr, store.mpp(name) * 2**k, area_mm2, basis, level=k))
     return rows
 
 
-def write_measurements_csv(store_or_path, out_path: "str | Path", **kwargs) -> Path:
-    """Write :func:`measurements` as CSV (columns :data:`MEASUREMENT_COLUMNS`) atomically."""
-    rows = measurements(store_or_path, **kwargs)
+def measure_mask(name: str, arr: np.ndarray, px_um: float, area_mm2: float, basis: str, level: int = 0) -> dict:
+    """One measurements row (:data:`MEASUREMENT_COLUMNS`) of a tissue's 0/1/unknown grid
+    with square pixels of ``px_um`` microns; the density is objects per ``area_mm2``."""
+    fg = arr == 1
+    n = int(label(fg, connectivity=2, return_num=True)[1]) if fg.any() else 0
+    area = float(np.count_nonzero(fg)) * px_um**2
+    return {
+        "tissue": name,
+        "objects": n,
+        "area_um2": area,
+        "mean_object_area_um2": area / n if n else 0.0,
+        "density_per_mm2": n / area_mm2 if area_mm2 > 0 else 0.0,
+        "density_basis": basis,
+        "tissue_area_mm2": area_mm2,
+        "unknown_area_um2": float(np.count_nonzero(arr == UNKNOWN)) * px_um**2,
+        "level": level,
+        "pixel_size_um": px_um,
+    }
+
+
+def measurements_csv(rows: Sequence[dict]) -> str:
+    """Measurement rows as CSV text (columns :data:`MEASUREMENT_COLUMNS`, floats exact)."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(MEASUREMENT_COLUMNS), lineterminator="\n")
     w.writeheader()
     for r in rows:
         w.writerow({k: (repr(v) if isinstance(v, float) and math.isfinite(v) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def write_measurements_csv(store_or_path, out_path: "str | Path", **kwargs) -> Path:
+    """Write :func:`measurements` as CSV (columns :data:`MEASUREMENT_COLUMNS`) atomically."""
     out = Path(out_path)
-    atomic_write_bytes(out, buf.getvalue().encode("utf-8"))
+    atomic_write_bytes(out, measurements_csv(measurements(store_or_path, **kwargs)).encode("utf-8"))
     return out
