@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -280,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(a, "_fn", None):
         p.print_help()
         return 0
+    from .labels.store import StoreError
     from .model.checkpoint import CheckpointError
     from .slides.base import SlideError
     from .tissues import UnknownTissueError
@@ -287,12 +289,28 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(a._fn(a) or 0)
-    except (CheckpointError, DataError, SlideError, UnknownTissueError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (CheckpointError, DataError, SlideError, StoreError, UnknownTissueError, FileExistsError,
+            FileNotFoundError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # read-only or full disk, permissions, a file vanishing mid-run
+        what = e.strerror or str(e) or type(e).__name__
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{what}", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError, TypeError, IndexError) as e:  # malformed files that got past the checks
+        if os.environ.get("OMNISEG_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {_one_line(e)} (set OMNISEG_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
 
 
 if __name__ == "__main__":  # run through the package module so sub-commands register in one place

@@ -21,6 +21,7 @@ Coarser levels and the complete map are built at the end.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 from pathlib import Path
@@ -60,18 +61,40 @@ def n_levels_for(shape: tuple[int, int], chunk: int) -> int:
     return 1 + max(0, math.ceil(math.log2(max(shape) / chunk))) if max(shape) > chunk else 1
 
 
+class StoreError(Exception):
+    """A label store that cannot be read: the message names the folder and the problem."""
+
+
+log = logging.getLogger("napari_omniseg")
+
+
 class LabelStore:
     """Create, fill, resume and read a label store."""
 
     def __init__(self, path: "str | Path", mode: str = "r"):
         self.path = Path(path)
-        self.root = zarr.open_group(str(self.path), mode=mode)
+        if mode == "r" and not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: no such label store")
+        try:
+            self.root = zarr.open_group(str(self.path), mode=mode)
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StoreError(f"{self.path}: not a readable OME-Zarr label store ({type(e).__name__}: {e})") from None
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.path}: no such label store") from None
+        if mode != "w" and (self.path / "zarr.json").exists() and not isinstance(self.root.attrs.get("omniseg", {}), dict):
+            raise StoreError(f"{self.path}: its zarr.json 'omniseg' attributes are not an object")
         self._lock = threading.Lock()
         self._progress_file = self.path / "progress.json"
         self._done: dict[str, set] = {}
         if self._progress_file.exists():
-            raw = json.loads(self._progress_file.read_text())
-            self._done = {k: {tuple(b) for b in v} for k, v in raw.get("done", {}).items()}
+            try:
+                raw = json.loads(self._progress_file.read_text())
+                self._done = {str(k): {(int(b[0]), int(b[1])) for b in v} for k, v in raw.get("done", {}).items()}
+            except (ValueError, TypeError, AttributeError, IndexError, KeyError, UnicodeDecodeError) as e:
+                # the record of finished blocks is only a shortcut: without it every block is
+                # recomputed, which gives the same output
+                log.warning("%s is unreadable (%s); every block will be recomputed", self._progress_file, e)
+                self._done = {}
 
     # ------------------------------------------------------------------ create
     @classmethod
@@ -147,10 +170,17 @@ class LabelStore:
         return name in self.root["labels"]
 
     def level(self, name: str, k: int = 0):
-        return self.root["labels"][name][str(k)]
+        try:
+            return self.root["labels"][name][str(k)]
+        except KeyError:
+            raise StoreError(f"{self.path}: label image {name!r} has no level {k} (the store is incomplete or "
+                             "damaged; segment again into a new folder)") from None
 
     def n_levels(self, name: str) -> int:
-        return len(self.root["labels"][name].attrs["ome"]["multiscales"][0]["datasets"])
+        try:
+            return len(self.root["labels"][name].attrs["ome"]["multiscales"][0]["datasets"])
+        except (KeyError, IndexError, TypeError):
+            raise StoreError(f"{self.path}: label image {name!r} has no readable multiscales metadata") from None
 
     def mpp(self, name: str) -> float:
         return float(self.root["labels"][name].attrs["omniseg"]["mpp"])

@@ -169,9 +169,15 @@ def read_sidecar(path: "str | Path") -> dict:
         meta = json.loads(side.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{side}: sidecar is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{side}: sidecar must be a JSON object, not a {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{side}: not a napari-omniseg checkpoint sidecar (format={meta.get('format')!r})")
-    if int(meta.get("format_version", -1)) > FORMAT_VERSION:
+    try:
+        version = int(meta.get("format_version", -1))
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{side}: format_version must be an integer, not {meta.get('format_version')!r}") from None
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{side}: format version {meta.get('format_version')} is newer than this napari-omniseg reads ({FORMAT_VERSION}); upgrade the package"
         )

@@ -165,8 +165,13 @@ def load_csv(path: "str | Path", tissues: Sequence[Tissue] = TISSUES) -> list[Sa
     """A data_list.csv or a manifest.csv (paths relative to the CSV's folder)."""
     path = Path(path)
     base = path.parent
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8 CSV") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not a readable CSV ({e})") from None
     if not rows:
         raise DataError(f"{path}: no rows")
     need = {"image_path", "label_path"}
