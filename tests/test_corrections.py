@@ -447,3 +447,62 @@ def test_finetune_cancel_and_failure_write_nothing(exported, registry, tmp_path)
     with pytest.raises(FinetuneError, match="export reviewed corrections first"):
         finetune(tmp_path / "empty", registry)
     assert sorted(registry.root.iterdir()) == files and registry.active() == active
+
+
+def test_a_project_open_in_another_process_is_refused_by_name(tmp_path):
+    """Two processes on one project would overwrite each other's regions and commits:
+    the second is refused with the first one's pid, and may open it once that ends."""
+    import subprocess
+    import sys
+
+    from napari_omniseg.corrections.session import ProjectInUseError
+
+    folder = tmp_path / "shared.omniseg"
+    code = (
+        "import sys, time\n"
+        "from napari_omniseg.corrections import CorrectionSession, SlideInfo\n"
+        f"CorrectionSession.open({str(folder)!r}, SlideInfo('slideA.svs', (1200, 1600), 0.5, '/data/slideA.svs'))\n"
+        "print('open', flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "open"
+        with pytest.raises(ProjectInUseError, match=f"process {p.pid}"):
+            CorrectionSession.open(folder, _slide())
+    finally:
+        p.communicate("\n", timeout=60)
+    s = CorrectionSession.open(folder, _slide())  # the other process has ended
+    assert s.folder == folder
+
+
+_RACE = """
+import sys, numpy as np
+from napari_omniseg.corrections import CorrectionSession, SlideInfo
+from napari_omniseg.tissues import get_tissue
+store, proj, row0 = sys.argv[1], sys.argv[2], int(sys.argv[3])
+DT = get_tissue("distal_tubule")
+s = CorrectionSession.open(proj, SlideInfo("slideA.svs", (600, 800), 0.5, "/data/slideA.svs"))
+s.store_path = store
+f = DT.mpp / 0.5
+for y in range(row0, row0 + 32):  # one-row commits, all inside the store's chunk (0, 0)
+    s.set_region(DT, np.ones((1, 64), np.uint8), (y, 0), f, DT.mpp, (0, int(y * f), int(64 * f), int(f)))
+    s.set_reviewed(DT)
+    s.commit()
+"""
+
+
+def test_two_processes_committing_into_one_store_chunk_lose_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    from napari_omniseg.labels.store import LabelStore
+
+    st = LabelStore.create(tmp_path / "seg.ome.zarr", [DT], (600, 800), 0.5, 64, {"source": "slideA.svs"})
+    st.level(DT.name, 0)[...] = 0
+    st.finalize([DT])
+    procs = [subprocess.Popen([sys.executable, "-c", _RACE, str(st.path), str(tmp_path / f"p{k}.omniseg"), str(32 * k)])
+             for k in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    got = LabelStore(st.path).read(DT.name, 0)
+    assert int(got[:64, :64].sum()) == 64 * 64, "rows of one process were overwritten by the other"

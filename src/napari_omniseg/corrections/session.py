@@ -42,7 +42,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .._io import atomic_write_bytes
+from .._io import atomic_write_bytes, process_lock
 from ..tissues import TISSUES, Tissue, get_tissue
 
 SESSION_FORMAT = "napari-omniseg-corrections"
@@ -54,6 +54,45 @@ _SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr", ".svs", ".tiff", ".tif"
 
 class SessionError(RuntimeError):
     """A correction session cannot do what was asked; the message says why."""
+
+
+class ProjectInUseError(SessionError):
+    """Another process has the project open."""
+
+
+#: projects this process holds (folder -> its lock); held until the process ends, so a
+#: second napari or CLI process on the same project is refused instead of overwriting
+_PROJECT_LOCKS: dict = {}
+_PROJECT_LOCKS_GUARD = threading.Lock()
+OWNER_FILE = ".project-owner.json"
+
+
+def _hold_project(folder: Path) -> None:
+    """Take the project's inter-process lock (once per process), or raise
+    :class:`ProjectInUseError` naming the process that holds it."""
+    import socket
+
+    import filelock
+
+    key = str(folder.resolve())
+    with _PROJECT_LOCKS_GUARD:
+        if key in _PROJECT_LOCKS:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(str(folder / ".project.lock"), timeout=0)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            try:
+                owner = json.loads((folder / OWNER_FILE).read_text())
+                who = f"process {int(owner['pid'])} on {owner.get('host', '?')}"
+            except Exception:  # noqa: BLE001 - the owner note is a courtesy
+                who = "another process"
+            raise ProjectInUseError(f"{folder} is open in {who}; close it there first, or choose another project "
+                                    "folder") from None
+        _PROJECT_LOCKS[key] = lock
+        atomic_write_bytes(folder / OWNER_FILE, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                            "since": _now()}).encode())
 
 
 class UncommittedEditsError(SessionError):
@@ -265,9 +304,10 @@ class CorrectionSession:
         """
         folder = Path(folder)
         state_file = folder / "session.json"
+        if not state_file.exists() and slide is None:
+            raise SessionError(f"{folder}: no correction project here (session.json missing)")
+        _hold_project(folder)
         if not state_file.exists():
-            if slide is None:
-                raise SessionError(f"{folder}: no correction project here (session.json missing)")
             s = cls(folder, slide, tuple(tissues), autosave_interval)
             s._write_state()
             return s
@@ -478,7 +518,9 @@ class CorrectionSession:
             rec = CommitRecord(cid, n, rel, wr.origin, wr.factor, wr.mpp, tuple(wr.data.shape), wr.region,  # type: ignore[arg-type]
                                wr.model_version, wr.reviewed, _now())
             if store is not None and store.has(n):
-                write_region_to_store(store, wr.tissue, wr.data, wr.origin, self.tissues)
+                # chunks are read, changed and rewritten: one writer at a time across processes
+                with process_lock(store.path):
+                    write_region_to_store(store, wr.tissue, wr.data, wr.origin, self.tissues)
                 rec.store_written = True
             self.commits.append(rec)
             wr.baseline_checksum = checksum(wr.data)
