@@ -70,3 +70,27 @@ def full_demo(demo_dir) -> Path:
 def _isolated_home(tmp_path_factory, monkeypatch):
     """Never touch the user's real model registry from tests."""
     monkeypatch.setenv("OMNISEG_HOME", str(tmp_path_factory.mktemp("omniseg_home")))
+
+
+def _skipped(config):
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    return tr.stats.get("skipped", []) if tr is not None else []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With OMNISEG_MAX_SKIPS=N (CI sets it), more than N skipped tests fail the run: a
+    suite that silently skips is a suite that silently tests less."""
+    limit = os.environ.get("OMNISEG_MAX_SKIPS")
+    if limit is not None and len(_skipped(session.config)) > int(limit) and session.exitstatus == 0:
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    limit = os.environ.get("OMNISEG_MAX_SKIPS")
+    if limit is None:
+        return
+    skipped = _skipped(config)
+    reasons = sorted({str(r.longrepr[2]) if isinstance(r.longrepr, tuple) else str(r.longrepr) for r in skipped})
+    terminalreporter.write_line(f"{len(skipped)} test(s) skipped (at most {limit} allowed): " + "; ".join(reasons))
+    if len(skipped) > int(limit):
+        terminalreporter.write_line(f"FAILED: more than {limit} tests skipped", red=True)
