@@ -20,6 +20,7 @@ from napari_omniseg.corrections import (
     write_region_to_store,
 )
 from napari_omniseg.tissues import get_tissue
+from napari_omniseg.training.manifest import read_manifest_rows
 
 DT = get_tissue("distal_tubule")
 PT = get_tissue("proximal_tubule")
@@ -353,7 +354,10 @@ def test_export_never_overwrites(tmp_path, source):
     s.set_reviewed(DT)
     (rec,) = s.commit()
     out = tmp_path / "train"
-    name = f"slideA-dt-c{rec.id}-x0-y0-200x200"
+    import hashlib
+
+    tag = hashlib.sha1(s.slide.path.encode()).hexdigest()[:6]
+    name = f"slideA-{tag}-dt-c{rec.id}-x0-y0-200x200"
     folder = out / "0_1_dt" / "corrections"
     folder.mkdir(parents=True)
     (folder / f"{name}.png").write_bytes(b"precious")
@@ -365,6 +369,56 @@ def test_export_never_overwrites(tmp_path, source):
     rec.exported = False
     res2 = export_corrections(s, source, out, commits=[rec])
     assert res2.n_patches == 0 and res2.skipped_existing == 1
+
+
+def test_two_slides_with_one_stem_export_into_one_folder(tmp_path, source):
+    """s1/kidney.ome.tif and s2/kidney.ome.tif: both slides' corrections are written."""
+    out = tmp_path / "train"
+    results = []
+    for k in (1, 2):
+        slide = SlideInfo("kidney.ome.tif", (1200, 1600), 0.5, f"/data/s{k}/kidney.ome.tif")
+        s = CorrectionSession.open(tmp_path / f"p{k}.omniseg", slide)
+        s.set_region(DT, _pred((200, 200), seed=k), (0, 0), 2.0, 1.0, (0, 0, 400, 400))
+        s.set_reviewed(DT)
+        s.commit()
+        results.append(export_corrections(s, source, out, patch=256))
+        assert s.exportable() == []
+    assert [r.n_patches for r in results] == [1, 1] and results[1].skipped_existing == 0
+    rows = read_manifest_rows(out / "manifest.csv")
+    assert len(rows) == 2 and len({r["image_path"] for r in rows}) == 2
+    assert {r["source_slide"] for r in rows} == {"/data/s1/kidney.ome.tif", "/data/s2/kidney.ome.tif"}
+
+
+def test_an_interrupted_export_leaves_no_orphans_and_is_completed_next_time(tmp_path, source, monkeypatch):
+    from napari_omniseg.corrections import export as ex
+    from napari_omniseg.training.data import load_folder
+
+    s = _session(tmp_path)
+    s.set_region(DT, _pred((300, 300)), (0, 0), 2.0, 1.0, (0, 0, 600, 600))
+    s.set_reviewed(DT)
+    s.commit()
+    out = tmp_path / "train"
+    real, calls = ex.atomic_write_bytes, []
+
+    def dying(path, data, **kw):
+        calls.append(path)
+        if len(calls) == 7:  # the journal, two patches and the image of a third: then the process dies
+            raise KeyboardInterrupt
+        return real(path, data, **kw)
+
+    monkeypatch.setattr(ex, "atomic_write_bytes", dying)
+    with pytest.raises(KeyboardInterrupt):
+        export_corrections(s, source, out, patch=128)
+    monkeypatch.setattr(ex, "atomic_write_bytes", real)
+    written = [p for p in out.rglob("*.png")]
+    assert len(written) == 5 and (out / ex.JOURNAL).exists() and not (out / "manifest.csv").exists()
+    assert len(s.exportable()) == 1  # not marked exported
+    res = export_corrections(s, source, out, patch=128)
+    assert res.cleaned_orphans == 5 and res.n_patches == 9 and not (out / ex.JOURNAL).exists()
+    pngs = sorted(p.name for p in out.rglob("*.png"))
+    assert len(pngs) == 18 and not any("-1.png" in n or "-1_mask" in n for n in pngs)
+    assert len(load_folder(out)) == 9  # every image has its mask: the Omni-Seg layout loads
+    assert s.exportable() == []
 
 
 def test_export_of_the_session_reopened_after_a_crash(tmp_path, source):

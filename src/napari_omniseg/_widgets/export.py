@@ -106,12 +106,14 @@ class ExportWidget(OmnisegWidget):
                 msg += f"; {res.skipped_unknown} patches with unknown (unreadable) pixels skipped"
             if res.skipped_existing:
                 msg += f"; {res.skipped_existing} already in the manifest"
+            if res.cleaned_orphans:
+                msg += f"; {res.cleaned_orphans} unrecorded files of an interrupted export removed first"
             self.info(msg + ".")
             st.changed.emit("export")
 
         def failed(e):
             log.exception("export failed", exc_info=e)
-            self.error(f"Export failed: {describe_error(e)} (files already written are kept; nothing was overwritten)")
+            self.error(f"Export failed: {describe_error(e)} (nothing was overwritten; the next export removes what this one wrote and starts again)")
 
         def fin():
             st.busy = ""

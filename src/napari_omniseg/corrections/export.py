@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from .._io import atomic_write_bytes
+from .._io import atomic_write_bytes, process_lock
 from ..training.manifest import append_manifest_rows, read_manifest_rows, relpath
 from .session import UNKNOWN, CommitRecord, CorrectionSession, safe_name, slide_stem
 
@@ -47,6 +47,7 @@ class ExportResult:
     val_per_tissue: dict[str, int] = field(default_factory=dict)
     skipped_unknown: int = 0
     skipped_existing: int = 0
+    cleaned_orphans: int = 0  #: files of an interrupted earlier export removed first
     commits: list[int] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
 
@@ -70,18 +71,6 @@ def _png_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     iio.imwrite(buf, a, extension=".png")
     return buf.getvalue()
-
-
-def _write_new(path: Path, data: bytes) -> Path:
-    """Write ``data`` under ``path`` or, if taken, ``<stem>-1<suffix>``, ``-2``, ... never overwriting."""
-    cand, i = path, 0
-    while True:
-        try:
-            atomic_write_bytes(cand, data, overwrite=False)
-            return cand
-        except FileExistsError:
-            i += 1
-            cand = path.with_name(f"{path.stem}-{i}{path.suffix}")
 
 
 def _pick_level(source, mpp: float) -> int:
@@ -114,6 +103,54 @@ def _held_out(keys: list[str], fraction: float) -> set[str]:
     return set(ranked[:n])
 
 
+JOURNAL = ".export-journal.json"
+
+
+def recover_interrupted_export(out_dir: "str | Path") -> int:
+    """Delete what an interrupted export wrote but never recorded; returns files removed."""
+    import json
+
+    out_dir = Path(out_dir)
+    journal = out_dir / JOURNAL
+    if not journal.exists():
+        return 0
+    try:
+        paths = [str(x) for x in json.loads(journal.read_text()).get("files", [])]
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        paths = []
+    recorded = set()
+    for r in read_manifest_rows(out_dir / "manifest.csv"):
+        recorded.add(r.get("image_path", ""))
+        recorded.add(r.get("label_path", ""))
+    removed = 0
+    for rel in paths:
+        f = (out_dir / rel).resolve()
+        if out_dir.resolve() not in f.parents or rel in recorded:
+            continue  # only our own unrecorded files inside the folder
+        try:
+            f.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    journal.unlink()
+    return removed
+
+
+def _same_patch(out_dir: Path, row: dict, slide_name: str, mask: np.ndarray) -> bool:
+    """Whether an existing manifest row is this very patch (same slide, same mask pixels)."""
+    if row.get("source_slide", "") != slide_name:
+        return False
+    try:
+        import imageio.v3 as iio
+
+        old = np.asarray(iio.imread(out_dir / row["label_path"]))
+    except (OSError, KeyError, ValueError):
+        return False
+    if old.ndim == 3:
+        old = old[..., 0]
+    return old.shape == mask.shape and np.array_equal(old > 127, mask == 1)
+
+
 def export_corrections(
     session: CorrectionSession,
     source,
@@ -129,14 +166,25 @@ def export_corrections(
     """Write the exportable commits of ``session`` as training patches; returns counts per tissue."""
     out_dir = Path(out_dir) if out_dir is not None else session.training_dir
     out_dir.mkdir(parents=True, exist_ok=True)
+    with process_lock(out_dir / JOURNAL):  # one export into a folder at a time, across processes
+        return _export_locked(session, source, out_dir, patch=patch, val_fraction=val_fraction, stain=stain,
+                              source_slide=source_slide, commits=commits, on_progress=on_progress)
+
+
+def _export_locked(session, source, out_dir: Path, *, patch, val_fraction, stain, source_slide, commits,
+                   on_progress) -> ExportResult:
+    import json
+
     manifest = out_dir / "manifest.csv"
-    todo = session.exportable() if commits is None else commits
     res = ExportResult(out_dir, manifest)
+    res.cleaned_orphans = recover_interrupted_export(out_dir)
+    todo = session.exportable() if commits is None else commits
     if not todo:
         return res
     slide_name = source_slide or session.slide.path or session.slide.id
-    stem = safe_name(slide_stem(slide_name))
-    known = {r.get("name", "") for r in read_manifest_rows(manifest)}
+    tag = hashlib.sha1(str(slide_name).encode()).hexdigest()[:6]
+    stem = f"{safe_name(slide_stem(slide_name))}-{tag}"
+    known = {r.get("name", ""): r for r in read_manifest_rows(manifest)}
     ts = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     stain_dir = safe_name(stain) if stain else "corrections"
     H0, W0 = session.slide.level0_shape
@@ -164,8 +212,13 @@ def export_corrections(
                 x0 = int(round((rec.origin[1] + tx) * f))
                 name = f"{stem}-{t.short}-c{rec.id}-x{x0}-y{y0}-{pw}x{ph}"
                 if name in known:
-                    res.skipped_existing += 1
-                    continue
+                    if _same_patch(out_dir, known[name], slide_name, m):
+                        res.skipped_existing += 1
+                        continue
+                    k = 1
+                    while f"{name}-{k}" in known:
+                        k += 1
+                    name = f"{name}-{k}"  # same name, other pixels: a new patch, never dropped
                 plans.append((rec, m, y0, x0, name, f"{slide_name}|{t.name}|{x0}|{y0}|{pw}x{ph}"))
     val: set[str] = set()
     by_tissue: dict[str, list[str]] = {}
@@ -174,16 +227,32 @@ def export_corrections(
     for keys in by_tissue.values():
         val |= _held_out(keys, val_fraction)
 
+    # the files this export will write, named before any is written (see recover_interrupted_export)
+    targets = []
+    taken: set[Path] = set()
+    for rec, m, y0, x0, name, key in plans:
+        t = next(t for t in session.tissues if t.name == rec.tissue)
+        folder = out_dir / f"{t.id}_{t.scale_id}_{t.short}" / stain_dir
+        ip, i = folder / f"{name}.png", 0
+        while ip in taken or ip.exists() or ip.with_name(f"{ip.stem}_mask_{t.short}.png").exists():
+            i += 1
+            ip = folder / f"{name}-{i}.png"
+        lp = ip.with_name(f"{ip.stem}_mask_{t.short}.png")
+        taken |= {ip, lp}
+        targets.append((ip, lp))
+    if plans:
+        atomic_write_bytes(out_dir / JOURNAL, json.dumps({"files": [relpath(f, out_dir) for pair in targets
+                                                                    for f in pair]}).encode())
+
     rows_by_commit: dict[int, int] = {}
-    for i, (rec, m, y0, x0, name, key) in enumerate(plans):
+    for i, ((rec, m, y0, x0, name, key), (ip, lp)) in enumerate(zip(plans, targets)):
         t = next(t for t in session.tissues if t.name == rec.tissue)
         ph, pw = m.shape
         img = _as_rgb(source.read_at_mpp(t.mpp, y0, x0, ph, pw))
         if img.shape[:2] != (ph, pw):
             raise ValueError(f"{slide_name}: reader returned {img.shape[:2]} for a {ph} x {pw} patch at x={x0} y={y0}")
-        folder = out_dir / f"{t.id}_{t.scale_id}_{t.short}" / stain_dir
-        ip = _write_new(folder / f"{name}.png", _png_bytes(img))
-        lp = _write_new(folder / f"{ip.stem}_mask_{t.short}.png", _png_bytes(np.where(m == 1, 255, 0).astype(np.uint8)))
+        atomic_write_bytes(ip, _png_bytes(img), overwrite=False)
+        atomic_write_bytes(lp, _png_bytes(np.where(m == 1, 255, 0).astype(np.uint8)), overwrite=False)
         split = "val" if key in val else "train"
         res.rows.append({
             "image_path": relpath(ip, out_dir),
@@ -213,4 +282,5 @@ def export_corrections(
         append_manifest_rows(manifest, res.rows)
     res.commits = [c.id for c in todo]
     session.mark_exported(res.commits, rows_by_commit)
+    (out_dir / JOURNAL).unlink(missing_ok=True)
     return res
