@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(a, "_fn", None):
         p.print_help()
         return 0
+    from .corrections.session import SessionError
     from .labels.store import StoreError
     from .model.checkpoint import CheckpointError
     from .slides.base import SlideError
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(a._fn(a) or 0)
-    except (CheckpointError, DataError, SlideError, StoreError, UnknownTissueError, FileExistsError,
+    except (CheckpointError, DataError, SlideError, StoreError, SessionError, UnknownTissueError, FileExistsError,
             FileNotFoundError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2

@@ -136,6 +136,20 @@ def default_project_dir(slide: "str | Path | None", name: str | None = None) -> 
     return projects_home() / f"{safe_name(name or 'image')}.omniseg"
 
 
+def committed_regions(folder: "str | Path") -> list[tuple[str, tuple[int, int, int, int]]]:
+    """(tissue, level-0 region) of every reviewed, committed region of a project, read
+    without taking the project (another process may have it open)."""
+    state_file = Path(folder) / "session.json"
+    try:
+        st = json.loads(state_file.read_text())
+        return [(str(c["tissue"]), tuple(int(v) for v in c["region"])) for c in st.get("commits", [])
+                if c.get("reviewed")]
+    except FileNotFoundError:
+        raise SessionError(f"{folder}: no correction project here (session.json missing)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SessionError(f"{state_file}: cannot read the project state ({e})") from None
+
+
 def checksum(a: np.ndarray) -> str:
     """SHA-256 of the array's bytes, shape and dtype: edit detection that no edit can
     escape (a rolling checksum such as adler32 misses some erase + paint pairs)."""

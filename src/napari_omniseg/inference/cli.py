@@ -179,3 +179,53 @@ def cmd_export(a: argparse.Namespace) -> int:
         write_measurements_csv(store, a.measurements, tissues=a.tissues)
         print(f"wrote {a.measurements}", file=sys.stderr)
     return 0
+
+
+def _suggest_args(p: argparse.ArgumentParser):
+    p.add_argument("store", metavar="SLIDE_OUTPUT", help="a .ome.zarr written by `omniseg segment`")
+    p.add_argument("--tissues", nargs="+", help="rank only these tissues (default: every tissue in the store)")
+    p.add_argument("-n", type=int, default=20, help="how many regions (default 20)")
+    p.add_argument("--spread", type=float, default=2.0,
+                   help="skip a block within this many block widths of one already suggested (default 2)")
+    p.add_argument("--project", help="a correction project folder: regions committed there leave the queue")
+    p.add_argument("--geojson", help="also write the regions as QuPath GeoJSON annotations here")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+@command("suggest")
+@_args(_suggest_args)
+def cmd_suggest(a: argparse.Namespace) -> int:
+    """Rank the regions of a segmentation to review first (most uncertain, spread out)."""
+    import json
+
+    from .._io import atomic_write_bytes
+    from ..labels.review import suggest, suggestions_geojson
+    from ..labels.store import LabelStore
+
+    if a.n < 1:
+        print("error: -n must be at least 1", file=sys.stderr)
+        return 2
+    store = LabelStore(a.store)
+    reviewed = []
+    if a.project:
+        from ..corrections.session import committed_regions
+
+        reviewed = committed_regions(a.project)
+    if "review" not in store.root:
+        print(f"error: {a.store} holds no review scores (it was written by an earlier version); "
+              "segment the slide again into a new folder", file=sys.stderr)
+        return 2
+    sugs = suggest(store, a.tissues, a.n, reviewed=reviewed, spread=a.spread)
+    if a.geojson:
+        atomic_write_bytes(Path(a.geojson), json.dumps(suggestions_geojson(sugs)).encode())
+        print(f"wrote {a.geojson}", file=sys.stderr)
+    if a.json:
+        print(json.dumps([s.to_json() for s in sugs], indent=1))
+        return 0
+    print(f"{'rank':>4}  {'tissue':<22} {'x':>7} {'y':>7} {'w':>5} {'h':>5}  {'score':>5}  {'entropy':>7}  {'violation':>9}")
+    for s in sugs:
+        print(f"{s.rank:>4}  {s.tissue:<22} {s.x:>7} {s.y:>7} {s.w:>5} {s.h:>5}  {s.score:>5.2f}  {s.entropy:>7.3f}  "
+              f"{s.violation:>9.3f}")
+    if not sugs:
+        print("(nothing left to review)", file=sys.stderr)
+    return 0

@@ -351,6 +351,11 @@ class Segmenter:
             lab = (prob[k] > 0.5).astype(np.uint8)
             lab[unknown] = UNKNOWN
             labels[name] = lab
+        write_scores = getattr(sink, "write_scores", None)
+        if write_scores is not None:  # review scores from the probabilities at hand (labels/review.py)
+            from ..labels.review import block_scores
+
+            write_scores(plan, b[0], b[1], block_scores(prob, labels, plan.tissues, unknown))
         sink.write_block(plan, b[0], b[1], labels)
 
 

@@ -206,6 +206,24 @@ class LabelStore:
             body = {"done": {k: sorted(v) for k, v in self._done.items()}}
             atomic_write_bytes(self._progress_file, json.dumps(body).encode())
 
+    def write_scores(self, plan, bi, bj, scores: dict) -> None:
+        """Store one block's review scores (see :mod:`napari_omniseg.labels.review`); called
+        by the engine before :meth:`write_block`, so a block recorded done has its scores."""
+        from .review import FIELDS, GROUP
+
+        with self._lock:
+            grp = self.root.require_group(GROUP)
+            for t in plan.tissues:
+                if t.name not in scores:
+                    continue
+                if t.name not in grp:
+                    nby, nbx = plan.n_blocks
+                    arr = grp.create_array(t.name, shape=(nby, nbx, len(FIELDS)), chunks=(64, 64, len(FIELDS)),
+                                           dtype="float32", fill_value=float("nan"))
+                    arr.attrs.update({"core": int(plan.core), "factor": float(plan.factor), "mpp": float(plan.mpp),
+                                      "fields": list(FIELDS)})
+                grp[t.name][bi, bj, :] = np.asarray(scores[t.name], np.float32)
+
     def finalize(self, tissues: Sequence[Tissue], run_info: dict | None = None, map_mpp: float | None = None) -> None:
         """Build the coarser levels and the complete map; mark the store complete."""
         for t in tissues:
