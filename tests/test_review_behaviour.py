@@ -157,3 +157,62 @@ def test_measurements_dock_counts_and_areas(opened, qtbot, tmp_path):
     got = list(csv.DictReader(out.open()))
     assert got[0]["tissue"] == "distal_tubule" and int(got[0]["objects"]) == 2
     assert float(got[0]["area_um2"]) == pytest.approx(500 * px_um**2)
+
+
+def test_review_queue_next_moves_the_camera_and_opens_the_region(make_napari_viewer, qtbot, demo_dir):
+    """Whole-slide result -> Next (button and Shift+J) shows the most uncertain region,
+    opens it for painting, says why; a committed region leaves the queue; the position
+    is kept in the project."""
+    import json
+
+    from napari_omniseg._sample_data import build_renal_mosaic
+    from napari_omniseg._widgets._regions import camera
+    from napari_omniseg._widgets.review import QUEUE_FILE
+    from napari_omniseg._widgets.segment import SCOPE_SLIDE
+    from napari_omniseg.inference.engine import EngineConfig
+    from napari_omniseg.labels.review import suggest
+    from napari_omniseg.labels.store import LabelStore
+    from napari_omniseg.model import ModelRegistry, new_checkpoint, save_checkpoint
+
+    reg = ModelRegistry()
+    ck = new_checkpoint(seed=0)  # the default (working-head) init: probabilities vary over the image
+    reg.set_active(save_checkpoint(ck.model, reg.root / "base.safetensors", ck.tissues))
+    img, _gt, _p = build_renal_mosaic(demo_dir)
+    viewer = make_napari_viewer()
+    image = viewer.add_image(img[:256, :384], name="crop", metadata={"mpp": 1.0, "slide_id": "queue-test"})
+    _, seg = viewer.window.add_plugin_dock_widget("napari-omniseg", "Segment")
+    _, rev = viewer.window.add_plugin_dock_widget("napari-omniseg", "Review and correct")
+    seg.engine_config = EngineConfig(core=128, margin=16)
+    seg.set_tissues(["distal_tubule", "proximal_tubule"])
+    assert rev.next_region() is None and "Whole slide" in rev.status.value
+    for _ in range(2):  # estimate, then the run
+        job = seg.run(scope=SCOPE_SLIDE)
+        qtbot.waitUntil(lambda: job.finished, timeout=120_000)
+        assert job.error is None, job.error
+    session = seg.state.session
+    ranked = suggest(LabelStore(session.store_path), n=100)
+    assert len(ranked) >= 2
+    _keys(viewer, "Shift-J")
+    first = ranked[0]
+    x, y, w, h = first.box
+    cam = camera(viewer)
+    assert cam.center[-2] == pytest.approx(y + h / 2, abs=1) and cam.center[-1] == pytest.approx(x + w / 2, abs=1)
+    assert cam.zoom > 1.0  # zoomed in on the 128 px block
+    work = _layer(viewer, {"distal_tubule": "Distal tubule", "proximal_tubule": "Proximal tubule"}[first.tissue])
+    assert work.editable and work.mode == "paint" and viewer.layers.selection.active is work
+    assert session.regions[first.tissue].region == first.box
+    assert "1 of" in rev._why.value and "score" in rev._why.value
+    assert json.loads((session.folder / QUEUE_FILE).read_text())["key"] == first.key
+    # correct it, mark reviewed, commit: it leaves the queue, Next goes to the one after it
+    work.data_setitem((np.arange(0, 20), np.arange(0, 20)), 1)
+    rev.set_reviewed(first.tissue)
+    for t in session.regions:
+        if t != first.tissue:
+            session.discard(t)
+    assert rev.commit()
+    sug = rev.next_region()
+    requeued = rev.review_queue()  # ranked again without the committed region (a neighbour it hid may return)
+    assert first.key not in [q.key for q in requeued]
+    assert sug is not None and sug.key == requeued[0].key
+    _keys(viewer, "Shift-K")  # back: the first region is gone, so this is the top of the queue again
+    assert json.loads((session.folder / QUEUE_FILE).read_text())["position"] == 0

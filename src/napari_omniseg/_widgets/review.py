@@ -34,7 +34,10 @@ SHORTCUTS = {
     "Shift-B": ("previous_tissue", "select the previous tissue layer"),
     "Shift-R": ("toggle_reviewed", "mark the selected tissue reviewed (again: not reviewed)"),
     "Shift-C": ("commit", "commit the reviewed tissues"),
+    "Shift-J": ("next_region", "go to the next region of the review queue and open it for painting"),
+    "Shift-K": ("previous_region", "go back to the previous region of the review queue"),
 }
+QUEUE_FILE = "review-queue.json"  #: in the project folder: where the user is in the queue
 
 
 class ReviewWidget(OmnisegWidget):
@@ -66,8 +69,18 @@ class ReviewWidget(OmnisegWidget):
         self._from_store = PushButton(text="Edit the region in view (whole-slide result)")
         self._save = PushButton(text="Save now")
         self._saved = Label(value="")
+        self._prev_region = PushButton(text="< Previous")
+        self._next_region = PushButton(text="Next region to review >")
+        self._next_region.tooltip = ("The whole-slide result's most uncertain regions first (Shift+J / Shift+K); "
+                                     "committed regions leave the queue")
+        self._why = Label(value="")
+        self._why.native.setWordWrap(True)
+        queue_row = Container(widgets=[self._prev_region, self._next_region], layout="horizontal", labels=False)
         self.extend([self._project, self._table_title, self._table, self._hint, self._commit, self._discard, self._from_store,
-                     self._save, self._saved, self.status])
+                     queue_row, self._why, self._save, self._saved, self.status])
+        self._next_region.changed.connect(lambda: self.next_region())
+        self._prev_region.changed.connect(lambda: self.previous_region())
+        self._queue = None  # cached ranking; dropped when a commit or a new result changes it
         self._commit.changed.connect(lambda: self.commit())
         self._discard.changed.connect(lambda: self.discard())
         self._from_store.changed.connect(lambda: self.edit_from_store())
@@ -95,6 +108,8 @@ class ReviewWidget(OmnisegWidget):
         return self.state.session
 
     def _state_changed(self, what: str) -> None:
+        if what in ("commit", "store", "session"):
+            self._queue = None
         self._watch_layers()
         self.refresh()
 
@@ -207,6 +222,93 @@ class ReviewWidget(OmnisegWidget):
         self.set_reviewed(name, value)
         self.set_status(f"{lyr.name}: {'reviewed' if value else 'not reviewed'}.")
         return value
+
+    # ------------------------------------------------------------------ review queue
+    def review_queue(self):
+        """The ranked regions of the project's whole-slide result (labels/review.py)."""
+        from pathlib import Path
+
+        from ..labels.review import suggest
+        from ..labels.store import LabelStore
+
+        s = self.session
+        if s is None or not s.store_path or not Path(s.store_path).exists():
+            return None
+        if self._queue is None:
+            reviewed = [(c.tissue, tuple(c.region)) for c in s.commits if c.reviewed]
+            self._queue = suggest(LabelStore(s.store_path), n=100, reviewed=reviewed)
+        return self._queue
+
+    def _queue_position(self) -> tuple[int, str]:
+        import json
+
+        try:
+            d = json.loads((self.session.folder / QUEUE_FILE).read_text())
+            return int(d.get("position", -1)), str(d.get("key", ""))
+        except (OSError, ValueError, AttributeError, TypeError):
+            return -1, ""
+
+    def _save_queue_position(self, pos: int, key: str) -> None:
+        import json
+
+        from .._io import atomic_write_bytes
+
+        try:
+            atomic_write_bytes(self.session.folder / QUEUE_FILE, json.dumps({"position": pos, "key": key}).encode())
+        except OSError:
+            log.exception("could not save the review-queue position")
+
+    def next_region(self, step: int = 1):
+        """Move the viewer to the next (``step`` > 0) or previous region of the queue,
+        open it for painting and say why it was chosen; returns the suggestion."""
+        q = self.review_queue()
+        if q is None:
+            self.error("No whole-slide result in this project: run Segment with scope 'Whole slide' first; "
+                       "the queue ranks its regions.")
+            return None
+        if not q:
+            self._why.value = "Nothing left in the review queue."
+            self.info("Nothing left to review: every ranked region is committed.")
+            return None
+        pos, key = self._queue_position()
+        keys = [x.key for x in q]
+        if pos < 0:
+            pos = 0
+        elif key in keys:
+            pos = keys.index(key) + step
+        else:  # the region shown last left the queue (committed): the one now in its place is next
+            pos = pos if step > 0 else pos - 1
+        pos = min(len(q) - 1, max(0, pos))
+        sug = q[pos]
+        if not self.edit_from_store(region=sug.box):
+            return None  # the message (e.g. uncommitted corrections) is shown already
+        self._look_at(sug.box)
+        lyr = find_tissue_layer(self.viewer, sug.tissue)
+        if lyr is not None:
+            lyr.visible = True
+            self.viewer.layers.selection.active = lyr
+            lyr.mode = "paint"
+        self._save_queue_position(pos, sug.key)
+        self._why.value = f"{pos + 1} of {len(q)}: {sug.why()}"
+        return sug
+
+    def previous_region(self):
+        return self.next_region(-1)
+
+    def _look_at(self, box) -> None:
+        """Centre the camera on a level-0 box of the slide and zoom so that it fills the canvas."""
+        from ._regions import camera
+
+        layer = self.state.image_layer
+        if layer is None:
+            return
+        x, y, w, h = box
+        sy, sx = (float(v) for v in layer.scale[-2:])
+        ty, tx = (float(v) for v in layer.translate[-2:])
+        cam = camera(self.viewer)
+        cam.center = (ty + sy * (y + h / 2), tx + sx * (x + w / 2))
+        ch, cw = self.viewer.canvas.size
+        cam.zoom = 0.9 * min(ch / (sy * h), cw / (sx * w))
 
     # ------------------------------------------------------------------ autosave
     def _save_on_quit(self) -> None:
