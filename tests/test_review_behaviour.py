@@ -216,3 +216,25 @@ def test_review_queue_next_moves_the_camera_and_opens_the_region(make_napari_vie
     assert sug is not None and sug.key == requeued[0].key
     _keys(viewer, "Shift-K")  # back: the first region is gone, so this is the top of the queue again
     assert json.loads((session.folder / QUEUE_FILE).read_text())["position"] == 0
+
+
+def test_export_and_finetune_now_from_the_review_widget(opened, qtbot):
+    viewer, seg, rev = opened
+    _, ft = viewer.window.add_plugin_dock_widget("napari-omniseg", "Fine-tune")
+    ft._epochs.value = 1
+    ft._crop.value = 64
+    ft.config_overrides = {"batch_size": 2}
+    _segment(qtbot, seg)
+    assert not rev._ft_now.enabled
+    assert rev.finetune_now() is None and "commit them first" in rev.status.value
+    _layer(viewer, "Distal tubule").data_setitem((np.arange(0, 40), np.arange(0, 40)), 1)
+    rev.set_reviewed("distal_tubule")
+    rev.commit()
+    assert rev._ft_now.enabled and "1 new correction" in rev._ft_now.text
+    job = rev.finetune_now()
+    assert job is not None
+    qtbot.waitUntil(lambda: rev.chain_job is not None, timeout=120_000)
+    qtbot.waitUntil(lambda: rev.chain_job.finished, timeout=240_000)
+    assert rev.chain_job.error is None, rev.chain_job.error
+    assert ft.result is not None and ft.result.path.exists()
+    assert seg.state.session.exportable() == [] and not rev._ft_now.enabled

@@ -76,8 +76,13 @@ class ReviewWidget(OmnisegWidget):
         self._why = Label(value="")
         self._why.native.setWordWrap(True)
         queue_row = Container(widgets=[self._prev_region, self._next_region], layout="horizontal", labels=False)
+        self._ft_now = PushButton(text="Export and fine-tune now", enabled=False)
+        self._ft_now.tooltip = ("Export the committed corrections as training patches, then fine-tune the model on "
+                                "them (the Export and Fine-tune widgets' own jobs, with their settings)")
         self.extend([self._project, self._table_title, self._table, self._hint, self._commit, self._discard, self._from_store,
-                     queue_row, self._why, self._save, self._saved, self.status])
+                     queue_row, self._why, self._ft_now, self._save, self._saved, self.status])
+        self._ft_now.changed.connect(lambda: self.finetune_now())
+        self.chain_job = None
         self._next_region.changed.connect(lambda: self.next_region())
         self._prev_region.changed.connect(lambda: self.previous_region())
         self._queue = None  # cached ranking; dropped when a commit or a new result changes it
@@ -136,6 +141,10 @@ class ReviewWidget(OmnisegWidget):
                     info.value = "-"
                 return
             self._project.value = f"Project: {s.folder}"
+            n_new = len(s.exportable())
+            self._ft_now.enabled = n_new > 0
+            self._ft_now.text = (f"Export {n_new} new correction(s) and fine-tune now" if n_new else
+                                 "Export and fine-tune now (commit corrections first)")
             for name, (cb, info) in self._rows.items():
                 wr = s.regions.get(name)
                 cb.enabled = wr is not None
@@ -222,6 +231,42 @@ class ReviewWidget(OmnisegWidget):
         self.set_reviewed(name, value)
         self.set_status(f"{lyr.name}: {'reviewed' if value else 'not reviewed'}.")
         return value
+
+    # ------------------------------------------------------------------ fine-tune after review
+    def finetune_now(self):
+        """Export the new commits, then start the Fine-tune widget's job on them.
+
+        Both steps run in the background as the two widgets run them (opened in the
+        dock if they are not); returns the export job."""
+        from qtpy.QtCore import QTimer
+
+        s = self.session
+        if s is None or not s.exportable():
+            self.error("Nothing new to learn from: mark tissues reviewed and commit them first.")
+            return None
+        _, exp = self.viewer.window.add_plugin_dock_widget("napari-omniseg", "Export training data")
+        _, ft = self.viewer.window.add_plugin_dock_widget("napari-omniseg", "Fine-tune")
+        job = exp.export()
+        if job is None:
+            return None
+        self.set_status("Exporting the corrections; fine-tuning starts when the export is done...")
+        timer = QTimer(self.native)
+        timer.setInterval(200)
+
+        def check():
+            if not job.finished:
+                return
+            timer.stop()
+            if job.error is not None:
+                self.error(f"Export failed, so no fine-tune was started: {describe_error(job.error)}")
+                return
+            self.chain_job = ft.start()
+            if self.chain_job is not None:
+                self.info("Fine-tuning on the exported corrections: follow it in the Fine-tune widget.")
+
+        timer.timeout.connect(check)
+        timer.start()
+        return job
 
     # ------------------------------------------------------------------ review queue
     def review_queue(self):
