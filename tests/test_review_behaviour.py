@@ -238,3 +238,26 @@ def test_export_and_finetune_now_from_the_review_widget(opened, qtbot):
     assert rev.chain_job.error is None, rev.chain_job.error
     assert ft.result is not None and ft.result.path.exists()
     assert seg.state.session.exportable() == [] and not rev._ft_now.enabled
+
+
+def test_switching_models_never_replaces_painted_corrections(opened, qtbot):
+    """Make active / Roll back re-segment the region only when that replaces nothing painted."""
+    viewer, seg, rev = opened
+    _, ft = viewer.window.add_plugin_dock_widget("napari-omniseg", "Fine-tune")
+    _segment(qtbot, seg)
+    dt = _layer(viewer, "Distal tubule")
+    dt.data_setitem((np.arange(0, 30), np.arange(0, 30)), 1)
+    painted = dt.data.copy()
+    assert ft._resegment_now() is None and "uncommitted painting" in ft.status.value
+    rev.set_reviewed("distal_tubule")
+    rev.commit()
+    assert ft._resegment_now() is None and "committed corrections" in ft.status.value
+    np.testing.assert_array_equal(_layer(viewer, "Distal tubule").data, painted)
+    assert seg.state.session.regions["distal_tubule"].reviewed  # the tick stays
+    # nothing painted on view: the region is re-segmented with the new model as before
+    seg.set_tissues(["proximal_tubule"])
+    seg.state.tissues = ["proximal_tubule"]
+    job = ft._resegment_now()
+    assert job is not None
+    qtbot.waitUntil(lambda: job.finished, timeout=120_000)
+    assert job.error is None

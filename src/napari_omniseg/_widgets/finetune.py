@@ -235,6 +235,21 @@ class FinetuneWidget(OmnisegWidget):
             return None
         from .segment import ACTIVE, SCOPE_FOV
 
+        s = st.session
+        if s is not None:
+            # never replace what the pathologist painted: committed corrections on view or
+            # uncommitted painting keep the layers as they are, with a word on what to do
+            shown = [n for n in st.tissues if n in s.regions]
+            painted = s.uncommitted(shown)
+            committed = [n for n in shown if n not in painted and s._committed(n, s.regions[n])
+                         and s.edited_pixels(n)]
+            if painted or committed:
+                which = ", ".join(painted or committed)
+                why = ("has uncommitted painting" if painted else "shows your committed corrections")
+                self.info(f"The model is switched, but the region was not re-segmented: {which} {why}. "
+                          + ("Commit or discard it, then " if painted else "They stay in the project; ")
+                          + "segment the region again in the Segment widget to see the new model's prediction.")
+                return None
         seg.refresh_models()
         seg._ckpt.value = ACTIVE
         return seg.run(scope=SCOPE_FOV, region=st.region, tissues=st.tissues)
