@@ -58,14 +58,18 @@ def _sidecar_variant(d, ckpt, name, edit):
     return p
 
 
-CASES = ["manifest-not-utf8", "out-under-a-file", "store-broken-zarr-json", "store-missing-level",
+CASES = ["truncated-ome-tiff", "manifest-not-utf8", "out-under-a-file", "store-broken-zarr-json", "store-missing-level",
          "sidecar-is-a-list", "sidecar-bad-version", "sidecar-huge-width", "sidecar-zero-std", "progress-json-broken"]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_one_line_error_never_a_traceback(files, case):
     d, ckpt, slide, store = files
-    if case == "manifest-not-utf8":
+    if case == "truncated-ome-tiff":
+        t = d / "cut.ome.tif"
+        t.write_bytes(slide.read_bytes()[: slide.stat().st_size // 3])
+        args, names = ["segment", t, "-o", d / "cut.ome.zarr", "-c", ckpt, "--tissues", "dt", "-q"], "truncated"
+    elif case == "manifest-not-utf8":
         m = d / "manifest.csv"
         m.write_bytes("image_path,label_path,tissue\nimg\xe9.png,m.png,dt\n".encode("latin-1"))
         args, names = ["evaluate", "-c", ckpt, "--data", m], "manifest.csv"

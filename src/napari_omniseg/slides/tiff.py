@@ -76,11 +76,29 @@ class TiffSlide(SlideSource):
         except Exception as e:  # tifffile raises TiffFileError, ValueError, struct errors ...
             raise SlideError(f"{self.path}: not a readable TIFF file ({type(e).__name__}: {e})") from e
         try:
+            self._check_complete()
             self._setup()
         except BaseException:
             self._close_files()
             raise
         self._finish_init(mpp, require_mpp)
+
+    def _check_complete(self) -> None:
+        """Refuse a file that ends before the image data its directories point to (a
+        truncated copy or download), naming it so, before any tile is read."""
+        import os
+
+        size = os.path.getsize(self.path)
+        end = 0
+        for page in self._tif.pages:
+            offs = getattr(page, "dataoffsets", ()) or ()
+            counts = getattr(page, "databytecounts", ()) or ()
+            for o, c in zip(offs, counts):
+                if c:
+                    end = max(end, int(o) + int(c))
+        if end > size:
+            raise SlideError(f"{self.path}: truncated or corrupt: the file ends at {size:,} bytes but its image data "
+                             f"extends to {end:,} bytes; copy or download it again")
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
