@@ -187,3 +187,21 @@ def tissues_sorted(names):
     from napari_omniseg.tissues import resolve_tissues
 
     return [t.name for t in resolve_tissues(names)]
+
+
+def test_corrupt_tile_in_the_tissue_mask_and_the_estimate_sample_is_not_fatal(slide_image, ckpt):
+    """The tissue mask reads a low-resolution copy of the slide and the estimate reads a
+    few sample tiles: a broken tile in either is skipped and reported, the run goes on."""
+    from napari_omniseg.inference.run import estimate
+
+    class _Everywhere(_Corrupt):
+        bad = (150, 210)  # in the middle: every pass over the slide touches it
+
+    seg = Segmenter(ckpt, EngineConfig(**CFG, skip_background=True))
+    src = _Everywhere(slide_image, mpp=1.0)
+    est = estimate(seg, src, ["distal_tubule"])  # the mask and the sample both read the broken spot
+    assert est["tiles"] > 0 and est["seconds"] > 0
+    with pytest.warns(CorruptTileWarning):
+        res, rep = segment_region(seg, src, None, ["distal_tubule"])
+    assert len(rep.tiles_failed) >= 1 and rep.tiles_run > 0
+    assert res["distal_tubule"].data[150, 210] == UNKNOWN

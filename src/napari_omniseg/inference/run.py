@@ -30,16 +30,32 @@ def estimate(segmenter: Segmenter, source, tissues=None, region=None, sample_bat
         run = [t for t in p.tiles if mask is None or segmenter._has_tissue(mask, p, t, source.mpp)]
         n_bg = len(p.tiles) - len(run)
         spt = 0.0
+        unreadable = 0
+        batch = None
         if run:
             bs = min(segmenter.cfg.batch_size, len(run))
-            batch = np.stack([read_tile(source, p, *run[i * len(run) // bs]) for i in range(bs)])
+            # tiles spread over the run; an unreadable one is skipped for the next (it is
+            # the run's business to mark it unknown, not the estimate's to fail on it)
+            picks, tried = [], 0
+            order = [run[i * len(run) // bs] for i in range(bs)] + [t for t in run[::max(1, len(run) // 64)]]
+            for t in order:
+                if len(picks) == bs or tried >= 4 * bs + 8:
+                    break
+                tried += 1
+                try:
+                    picks.append(read_tile(source, p, *t))
+                except Exception:  # noqa: BLE001
+                    unreadable += 1
+            batch = np.stack(picks) if picks else None
+        if batch is not None:
+            bs = len(batch)
             segmenter.predict_tiles(batch[:1], [t.id for t in p.tissues])  # warm-up
             t0 = time.perf_counter()
             for _ in range(sample_batches):
                 segmenter.predict_tiles(batch, [t.id for t in p.tissues])
             spt = (time.perf_counter() - t0) / (sample_batches * bs)
         out["per_magnification"][p.magnification] = {"tiles": len(run), "background": n_bg, "seconds_per_tile": spt,
-                                                     "tile_px": p.tile_size}
+                                                     "tile_px": p.tile_size, "unreadable_sampled": unreadable}
         out["tiles"] += len(run)
         out["tiles_background"] += n_bg
         out["seconds"] += spt * len(run)

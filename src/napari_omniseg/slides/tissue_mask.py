@@ -21,9 +21,12 @@ smaller than ``max_hole_um2`` (lumens, vessels) are filled.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def _otsu(values: np.ndarray) -> float:
@@ -105,19 +108,33 @@ def tissue_mask(source, target_mpp: float = 16.0, **kwargs) -> tuple[np.ndarray,
     hf, wf = max(int(H0 // f0), 1), max(int(W0 // f0), 1)
     hc, wc = max(math.ceil(H0 / f0 - 1e-9), 1), max(math.ceil(W0 / f0 - 1e-9), 1)
     thumb = np.zeros((hf, wf, 3), np.uint8)
+    unreadable = np.zeros((hf, wf), bool)
     # read in pieces of about 2048 x 2048 pixels of the level read_at_mpp will use
     lv = source.level_for_mpp(mask_mpp) if hasattr(source, "level_for_mpp") else 0
     f_level = f0 / float(source.downsamples[lv])
     step = max(16, int(2048 / max(f_level, 1.0)))
-    for ty in range(0, hf, step):
-        for tx in range(0, wf, step):
-            th, tw = min(step, hf - ty), min(step, wf - tx)
+    pieces = [(ty, tx, min(step, hf - ty), min(step, wf - tx)) for ty in range(0, hf, step) for tx in range(0, wf, step)]
+    while pieces:
+        ty, tx, th, tw = pieces.pop()
+        try:
             thumb[ty : ty + th, tx : tx + tw] = source.read_at_mpp(
                 mask_mpp, int(round(ty * f0)), int(round(tx * f0)), th, tw
             )
+        except Exception as e:  # noqa: BLE001 - a corrupt tile must not end the run
+            if th * tw > 64:  # narrow the damage down: read the piece in quarters
+                h2, w2 = max(1, th // 2), max(1, tw // 2)
+                pieces += [(ty + a, tx + b, h, w) for a, h in ((0, h2), (h2, th - h2)) for b, w in ((0, w2), (w2, tw - w2))
+                           if h > 0 and w > 0]
+            else:
+                unreadable[ty : ty + th, tx : tx + tw] = True
+                log.warning("tissue mask: %s unreadable at level-0 y=%d x=%d (%s); that part counts as tissue, so "
+                            "its tiles are run (and marked unknown if they cannot be read)",
+                            getattr(source, "path", "slide"), int(ty * f0), int(tx * f0), e)
     if (hc, wc) != (hf, wf):  # the last partial row / column repeats its neighbour
         thumb = np.pad(thumb, ((0, hc - hf), (0, wc - wf), (0, 0)), mode="edge")
-    return tissue_mask_from_rgb(thumb, mask_mpp, **kwargs), mask_mpp
+        unreadable = np.pad(unreadable, ((0, hc - hf), (0, wc - wf)), mode="edge")
+    mask = tissue_mask_from_rgb(thumb, mask_mpp, **kwargs)
+    return mask | unreadable, mask_mpp
 
 
 def tile_has_tissue(
