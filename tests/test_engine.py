@@ -205,3 +205,35 @@ def test_corrupt_tile_in_the_tissue_mask_and_the_estimate_sample_is_not_fatal(sl
         res, rep = segment_region(seg, src, None, ["distal_tubule"])
     assert len(rep.tiles_failed) >= 1 and rep.tiles_run > 0
     assert res["distal_tubule"].data[150, 210] == UNKNOWN
+
+
+def test_a_small_region_of_a_huge_single_level_slide_costs_the_region(slide_image, ckpt, tmp_path, monkeypatch):
+    """A 512 px region of a 20,000 x 20,000 px slide with no pyramid: the tissue mask and
+    the finishing of the store touch the region and its halo, not the slide."""
+    import zarr as _zarr
+
+    big = np.broadcast_to(np.array([245, 245, 245], np.uint8), (20000, 20000, 3))  # no memory: one pixel, repeated
+
+    class _Lazy(ImageSlide):
+        read_px = 0
+
+        def _read(self, level, y0, y1, x0, x1):
+            _Lazy.read_px += (y1 - y0) * (x1 - x0)
+            return np.array(self._img[y0:y1, x0:x1])
+
+    src = _Lazy(np.zeros((8, 8, 3), np.uint8), mpp=0.5)
+    src._img, src.shapes = big, [(20000, 20000)]  # (the constructor would copy the view)
+    region = (4000, 6000, 512, 512)
+    seg = Segmenter(ckpt, EngineConfig(core=256, margin=16, batch_size=2, skip_background=True))
+    writes = [0]
+    real = _zarr.Array.__setitem__
+
+    def counting(self, key, value):
+        writes[0] += 1
+        return real(self, key, value)
+
+    monkeypatch.setattr(_zarr.Array, "__setitem__", counting)
+    store, rep = segment_to_store(seg, src, tmp_path / "big.ome.zarr", ["distal_tubule"], region)
+    assert store.complete and store.level("distal_tubule", 0).shape == (10000, 10000)
+    assert _Lazy.read_px < 20e6, _Lazy.read_px  # region, halo and tiles: ~8e6 px; the whole-slide mask alone reads 4e8
+    assert writes[0] < 200, writes[0]  # a whole-slide finish writes thousands of chunks here

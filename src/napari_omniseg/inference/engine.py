@@ -129,12 +129,23 @@ class Segmenter:
         return make_plans(self.tissues(tissues), tuple(source.shapes[0]), source.mpp, region,
                           self.cfg.core, self.cfg.margin)
 
-    def tissue_mask(self, source):
-        key = (id(source), getattr(source, "path", None))
-        if key not in self._mask_cache:
-            from ..slides.tissue_mask import tissue_mask
+    #: above this many slide pixels to read for a whole-slide tissue mask (a slide with no
+    #: usable pyramid), a region run judges background on the region and its halo only
+    MASK_WHOLE_SLIDE_MAX_PX = 64e6
 
-            self._mask_cache[key] = tissue_mask(source)
+    def tissue_mask(self, source, region=None):
+        """The slide's tissue mask; for a ``region`` of a slide whose mask would be costly
+        to read whole, the mask of that region and a tile's halo around it."""
+        from ..slides.tissue_mask import mask_read_pixels, tissue_mask
+
+        box = None
+        if region is not None and mask_read_pixels(source) > self.MASK_WHOLE_SLIDE_MAX_PX:
+            x, y, w, h = region
+            halo = int((self.cfg.core + 2 * self.cfg.margin) * max(t.mpp for t in self.ckpt.tissues) / float(source.mpp))
+            box = (x - halo, y - halo, w + 2 * halo, h + 2 * halo)
+        key = (id(source), getattr(source, "path", None), box)
+        if key not in self._mask_cache:
+            self._mask_cache[key] = tissue_mask(source, box=box)
         return self._mask_cache[key]
 
     def _autocast(self):
@@ -183,7 +194,7 @@ class Segmenter:
         t_start = time.perf_counter()
         rep = RunReport()
         plans = self.plans(source, tissues, region)
-        mask = self.tissue_mask(source) if self.cfg.skip_background else None
+        mask = self.tissue_mask(source, region) if self.cfg.skip_background else None
         work = []
         for plan in plans:
             done = set(sink.done_blocks(plan))

@@ -24,7 +24,7 @@ from .engine import EngineConfig, RunReport, Segmenter, read_tile
 def estimate(segmenter: Segmenter, source, tissues=None, region=None, sample_batches: int = 1) -> dict:
     """Tiles to run per magnification and an estimated time from one timed batch each."""
     plans = segmenter.plans(source, tissues, region)
-    mask = segmenter.tissue_mask(source) if segmenter.cfg.skip_background else None
+    mask = segmenter.tissue_mask(source, region) if segmenter.cfg.skip_background else None
     out = {"tiles": 0, "tiles_background": 0, "seconds": 0.0, "per_magnification": {}}
     for p in plans:
         run = [t for t in p.tiles if mask is None or segmenter._has_tissue(mask, p, t, source.mpp)]
@@ -87,11 +87,11 @@ def segment_to_store(
     info = {"tiles_run": rep.tiles_run, "tiles_skipped": rep.tiles_skipped, "tiles_failed": len(rep.tiles_failed),
             "failed": [list(f) for f in rep.tiles_failed], "seconds": round(rep.seconds, 2)}
     if segmenter.cfg.skip_background:
-        m, m_mpp = segmenter.tissue_mask(source)
+        m, m_mpp = segmenter.tissue_mask(source, tuple(region) if region else None)
         area = float(m.sum()) * (m_mpp / 1000.0) ** 2
         if area > 0:  # no tissue found: densities fall back to the slide area
             info["tissue_area_mm2"] = area
-    store.finalize(ts, run_info=info)
+    store.finalize(ts, run_info=info, box=tuple(region) if region else None)
     om = store.meta
     if "tissue_area_mm2" in info:
         om["tissue_area_mm2"] = info["tissue_area_mm2"]

@@ -224,28 +224,48 @@ class LabelStore:
                                       "fields": list(FIELDS)})
                 grp[t.name][bi, bj, :] = np.asarray(scores[t.name], np.float32)
 
-    def finalize(self, tissues: Sequence[Tissue], run_info: dict | None = None, map_mpp: float | None = None) -> None:
-        """Build the coarser levels and the complete map; mark the store complete."""
+    def finalize(self, tissues: Sequence[Tissue], run_info: dict | None = None, map_mpp: float | None = None,
+                 box: "tuple[int, int, int, int] | None" = None) -> None:
+        """Build the coarser levels and the complete map; mark the store complete.
+
+        With ``box`` (level-0 x, y, w, h: a region run) only the chunks that the region's
+        blocks touch are rebuilt, so a region's cost does not grow with the slide."""
+        if box is not None:
+            m = int(self.meta["chunk"]) * max(t.mpp for t in tissues) / float(self.meta["level0_mpp"])
+            x, y, w, h = box  # whole blocks were written around the region: one block of margin
+            box = (int(x - m), int(y - m), int(w + 2 * m + 1), int(h + 2 * m + 1))
         for t in tissues:
-            self._build_levels(t.name)
-        self._build_map(tissues, map_mpp)
+            self._build_levels(t.name, self._grid_box(t.name, box))
+        self._build_map(tissues, map_mpp, box)
         om = self.meta
         om["complete"] = True
         if run_info:
             om["run"] = run_info
         self.root.attrs["omniseg"] = om
 
-    def _build_levels(self, name: str) -> None:
+    def _grid_box(self, name: str, box):
+        """A level-0 box as (y0, y1, x0, x1) on a label image's level-0 grid (None: all)."""
+        if box is None:
+            return None
+        f = self.mpp(name) / float(self.meta["level0_mpp"])
+        x, y, w, h = box
+        H, W = self.level(name, 0).shape
+        return (max(0, int(y / f)), min(H, math.ceil((y + h) / f)), max(0, int(x / f)), min(W, math.ceil((x + w) / f)))
+
+    def _build_levels(self, name: str, grid_box=None) -> None:
         nl = self.n_levels(name)
+        y0, y1, x0, x1 = grid_box if grid_box is not None else (0, 1 << 62, 0, 1 << 62)
         for k in range(1, nl):
             src, dst = self.level(name, k - 1), self.level(name, k)
             ch = dst.chunks[0]
-            for y in range(0, dst.shape[0], ch):
-                for x in range(0, dst.shape[1], ch):
+            y0, x0 = y0 // 2, x0 // 2  # level k pixel i is level k-1 pixel 2i
+            y1, x1 = min(dst.shape[0], (y1 + 1) // 2), min(dst.shape[1], (x1 + 1) // 2)
+            for y in range((y0 // ch) * ch, y1, ch):
+                for x in range((x0 // ch) * ch, x1, ch):
                     block = src[2 * y : 2 * (y + ch), 2 * x : 2 * (x + ch)]
                     dst[y : y + ch, x : x + ch] = block[::2, ::2][: min(ch, dst.shape[0] - y), : min(ch, dst.shape[1] - x)]
 
-    def _build_map(self, tissues: Sequence[Tissue], map_mpp: float | None) -> None:
+    def _build_map(self, tissues: Sequence[Tissue], map_mpp: float | None, box=None) -> None:
         labels = self.root["labels"]
         meta = self.meta
         mpp = map_mpp or min(t.mpp for t in tissues)
@@ -253,12 +273,16 @@ class LabelStore:
         f = mpp / meta["level0_mpp"]
         shape = (max(1, math.ceil(shape0[0] / f)), max(1, math.ceil(shape0[1] / f)))
         chunk = int(meta["chunk"])
-        if MAP_NAME in labels:
-            del labels[MAP_NAME]
-        self._create_label(labels, MAP_NAME, shape, mpp, chunk, list(tissues))
+        keep = (box is not None and MAP_NAME in labels and tuple(self.level(MAP_NAME, 0).shape) == shape
+                and abs(self.mpp(MAP_NAME) - mpp) < 1e-9)
+        if not keep:
+            if MAP_NAME in labels:
+                del labels[MAP_NAME]
+            self._create_label(labels, MAP_NAME, shape, mpp, chunk, list(tissues))
         dst = self.level(MAP_NAME, 0)
-        for y in range(0, shape[0], chunk):
-            for x in range(0, shape[1], chunk):
+        gy0, gy1, gx0, gx1 = self._grid_box(MAP_NAME, box) if box is not None else (0, shape[0], 0, shape[1])
+        for y in range((gy0 // chunk) * chunk, gy1, chunk):
+            for x in range((gx0 // chunk) * chunk, gx1, chunk):
                 h, w = min(chunk, shape[0] - y), min(chunk, shape[1] - x)
                 masks = {}
                 for t in tissues:
@@ -269,7 +293,7 @@ class LabelStore:
                     sub = src[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1]
                     masks[t.name] = sub[np.ix_(ys - ys[0], xs - xs[0])]
                 dst[y : y + h, x : x + w] = complete_map(masks, tissues)
-        self._build_levels(MAP_NAME)
+        self._build_levels(MAP_NAME, self._grid_box(MAP_NAME, box))
 
     # ------------------------------------------------------------------ reading
     def read(self, name: str, level: int = 0) -> np.ndarray:

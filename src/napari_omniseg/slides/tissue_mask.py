@@ -93,13 +93,26 @@ def tissue_mask_from_rgb(
     return mask
 
 
-def tissue_mask(source, target_mpp: float = 16.0, **kwargs) -> tuple[np.ndarray, float]:
+def mask_read_pixels(source, target_mpp: float = 16.0) -> float:
+    """How many slide pixels :func:`tissue_mask` reads for the whole slide (the level it
+    reads from, at its size): large only for slides without a usable pyramid."""
+    mpp = float(source.mpp)
+    H0, W0 = source.shapes[0]
+    mask_mpp = min(float(target_mpp), max(mpp, mpp * min(H0, W0) / 32.0))
+    lv = source.level_for_mpp(mask_mpp) if hasattr(source, "level_for_mpp") else 0
+    d = float(source.downsamples[lv])
+    return float(H0) * float(W0) / (d * d)
+
+
+def tissue_mask(source, target_mpp: float = 16.0, box=None, **kwargs) -> tuple[np.ndarray, float]:
     """``(mask, mask_mpp)``: where the slide holds tissue, on a coarse grid.
 
     ``mask[i, j]`` covers level-0 pixels ``[i, i + 1) * mask_mpp / source.mpp`` (and the
     same for columns).  ``mask_mpp`` is ``target_mpp``, made finer for images so small
     that the mask would have fewer than 32 pixels across, and never finer than the
-    slide itself.  Keyword arguments go to :func:`tissue_mask_from_rgb`.
+    slide itself.  With ``box`` (level-0 x, y, w, h) only that part of the slide is read
+    and judged (the rest of the mask is False): a region's cost then does not grow with
+    the slide.  Keyword arguments go to :func:`tissue_mask_from_rgb`.
     """
     mpp = float(source.mpp)
     H0, W0 = source.shapes[0]
@@ -114,6 +127,13 @@ def tissue_mask(source, target_mpp: float = 16.0, **kwargs) -> tuple[np.ndarray,
     f_level = f0 / float(source.downsamples[lv])
     step = max(16, int(2048 / max(f_level, 1.0)))
     pieces = [(ty, tx, min(step, hf - ty), min(step, wf - tx)) for ty in range(0, hf, step) for tx in range(0, wf, step)]
+    if box is not None:  # only the pieces that meet the box; the rest stays black (never tissue)
+        bx, by, bw, bh = box
+        my0, my1 = max(0, int(by / f0)), min(hf, math.ceil((by + bh) / f0))
+        mx0, mx1 = max(0, int(bx / f0)), min(wf, math.ceil((bx + bw) / f0))
+        pieces = [(max(ty, my0), max(tx, mx0), min(ty + th, my1) - max(ty, my0), min(tx + tw, mx1) - max(tx, mx0))
+                  for ty, tx, th, tw in pieces]
+        pieces = [q for q in pieces if q[2] > 0 and q[3] > 0]
     while pieces:
         ty, tx, th, tw = pieces.pop()
         try:
