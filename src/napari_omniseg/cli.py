@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{what}", file=sys.stderr)
         return 2
-    except (ValueError, KeyError, TypeError, IndexError) as e:  # malformed files that got past the checks
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:  # malformed files past the checks
         if os.environ.get("OMNISEG_DEBUG"):
             raise
         print(f"error: {type(e).__name__}: {_one_line(e)} (set OMNISEG_DEBUG=1 for the traceback)", file=sys.stderr)

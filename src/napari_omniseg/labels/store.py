@@ -77,7 +77,7 @@ class LabelStore:
             raise FileNotFoundError(f"{self.path}: no such label store")
         try:
             self.root = zarr.open_group(str(self.path), mode=mode)
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
             raise StoreError(f"{self.path}: not a readable OME-Zarr label store ({type(e).__name__}: {e})") from None
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.path}: no such label store") from None

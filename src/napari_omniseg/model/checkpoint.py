@@ -171,6 +171,11 @@ def read_sidecar(path: "str | Path") -> dict:
         raise CheckpointError(f"{side}: sidecar is not valid JSON ({e})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{side}: sidecar must be a JSON object, not a {type(meta).__name__}")
+    for key, kind in (("architecture", dict), ("tissues", list), ("normalization", dict), ("provenance", dict),
+                      ("metrics", dict)):
+        if key in meta and not isinstance(meta[key], kind):
+            raise CheckpointError(f"{side}: '{key}' must be a JSON {'object' if kind is dict else 'array'}, "
+                                  f"not {type(meta[key]).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{side}: not a napari-omniseg checkpoint sidecar (format={meta.get('format')!r})")
     try:
