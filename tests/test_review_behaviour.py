@@ -201,6 +201,8 @@ def test_review_queue_next_moves_the_camera_and_opens_the_region(make_napari_vie
     work = _layer(viewer, {"distal_tubule": "Distal tubule", "proximal_tubule": "Proximal tubule"}[first.tissue])
     assert work.editable and work.mode == "paint" and viewer.layers.selection.active is work
     assert session.regions[first.tissue].region == first.box
+    stores = [lyr for lyr in viewer.layers if lyr.metadata.get("omniseg", {}).get("kind") == "store"]
+    assert stores and not any(lyr.visible for lyr in stores)  # no doubled colours under the editable copies
     assert "1 of" in rev._why.value and "score" in rev._why.value
     assert json.loads((session.folder / QUEUE_FILE).read_text())["key"] == first.key
     # correct it, mark reviewed, commit: it leaves the queue, Next goes to the one after it
@@ -261,3 +263,17 @@ def test_switching_models_never_replaces_painted_corrections(opened, qtbot):
     assert job is not None
     qtbot.waitUntil(lambda: job.finished, timeout=120_000)
     assert job.error is None
+
+
+def test_exporting_again_says_everything_is_exported(opened, qtbot):
+    viewer, seg, rev = opened
+    _, exp = viewer.window.add_plugin_dock_widget("napari-omniseg", "Export training data")
+    _segment(qtbot, seg)
+    _layer(viewer, "Distal tubule").data_setitem((np.arange(0, 40), np.arange(0, 40)), 1)
+    rev.set_reviewed("distal_tubule")
+    rev.commit()
+    job = exp.export()
+    qtbot.waitUntil(lambda: job.finished, timeout=60_000)
+    assert job.error is None and "Exported 1 patches" in exp.status.value
+    assert exp.export() is None
+    assert "exported already" in exp.status.value and "mark tissues reviewed" not in exp.status.value

@@ -85,7 +85,13 @@ class ExportWidget(OmnisegWidget):
             self.error(f"Wait for the {st.busy} to finish first.")
             return None
         if not s.exportable():
-            self.error("Nothing to export: mark tissues reviewed and commit them in the Review widget first.")
+            done = [c for c in s.commits if c.exported and not c.superseded]
+            if done:
+                n = sum(c.export_rows for c in done)
+                self.info(f"Everything committed is exported already ({len(done)} commit(s), {n} patch(es) in "
+                          f"{self.out_dir()}); commit new corrections to export more.")
+            else:
+                self.error("Nothing to export: mark tissues reviewed and commit them in the Review widget first.")
             return None
         from ..corrections import export_corrections
 

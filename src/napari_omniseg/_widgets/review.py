@@ -467,6 +467,15 @@ class ReviewWidget(OmnisegWidget):
             show_region(self.viewer, layer, wr, layer_meta(s, st.source))
             out.append(n)
         st.region, st.tissues = tuple(region), out
-        self.info(f"Editing {len(out)} tissue(s) over {w} x {h} px; commit writes them back to {Path(s.store_path).name}.")
+        hidden = []
+        for lyr in self.viewer.layers:  # one colour per tissue: the whole-slide layer under its editable copy hides
+            om = (getattr(lyr, "metadata", {}) or {}).get(META_KEY)
+            if isinstance(om, dict) and om.get("kind") in ("store", "store-map") and lyr.visible \
+                    and (om.get("tissue") in out or om.get("kind") == "store-map"):
+                lyr.visible = False
+                hidden.append(lyr.name)
+        self.info(f"Editing {len(out)} tissue(s) over {w} x {h} px; commit writes them back to {Path(s.store_path).name}."
+                  + (f" Hidden while you edit: {', '.join(hidden)} (tick them in the layer list to compare)."
+                     if hidden else ""))
         st.changed.emit("regions")
         return out
