@@ -22,6 +22,12 @@ from napari_omniseg.model.registry import PACKAGE_WEIGHTS, SHIPPED_NAME
 def main(src: str) -> None:
     ck = load_checkpoint(src)
     out = PACKAGE_WEIGHTS / SHIPPED_NAME
+    replaced = {}
+    if out.with_suffix(".json").exists():  # lineage: what the new model replaces (and, if warm-started, grew from)
+        old = json.loads(out.with_suffix(".json").read_text())
+        replaced = {"replaces_sha256": old.get("weights_sha256"),
+                    "replaces_command": (old.get("provenance") or {}).get("command"),
+                    "replaces_test_mean_dice": (old.get("metrics") or {}).get("test_mean_dice")}
     for p in (out, out.with_suffix(".json")):
         if p.exists():
             p.unlink()  # the package's copy is replaced on purpose; registry checkpoints never are
@@ -31,7 +37,7 @@ def main(src: str) -> None:
         s = json.loads(ev.read_text())["summary"]
         metrics["test_mean_dice"] = s["mean_dice"]
         metrics["test"] = {t: {k: v[k] for k in ("n", "dice", "hd_um", "hd95_um", "msd_um")} for t, v in s["per_tissue"].items()}
-    prov = dict(ck.provenance, packaged_from_sha256=ck.sha256, packaged_dtype="float16")
+    prov = dict(ck.provenance, packaged_from_sha256=ck.sha256, packaged_dtype="float16", **replaced)
     save_checkpoint(ck.model, out, ck.tissues, normalization=ck.normalization, provenance=prov, metrics=metrics,
                     dtype=torch.float16)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")

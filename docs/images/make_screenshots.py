@@ -10,7 +10,9 @@ test split of the demo data, which the shipped model never trained on):
    paint them), mark that tissue reviewed, commit; only half of the patches are
    corrected, the other half is kept for an independent evaluation;
 4. export the corrections, fine-tune with the widget's CPU defaults, make the new
-   model active (which re-segments the current region).
+   model active (which re-segments the current region);
+5. segment the whole sample, follow the review queue (Next region) and measure the
+   whole-slide result in the Measurements dock.
 
 Prints what the fine-tune cost and what it gained, on the widget's own held-out
 patches and on the sample patches that were never corrected.
@@ -275,6 +277,32 @@ def main() -> int:
                                 "per_tissue_before": {k: v["dice"] for k, v in before["per_tissue"].items()},
                                 "per_tissue_after": {k: v["dice"] for k, v in after["per_tissue"].items()}},
     }
+    # 8. the whole sample, the review queue, the measurements
+    for tname in list(seg.state.session.regions):
+        seg.state.session.discard(tname)
+    seg.set_tissues(["distal_tubule", "proximal_tubule", "glomerular_unit", "glomerular_tuft", "artery"])
+    seg._scope.value = SCOPE_SLIDE
+    wait(seg.run(), "estimate")
+    t0 = time.perf_counter()
+    wait(seg.run(), "whole-slide run")
+    slide_s = time.perf_counter() - t0
+    docks["Review and correct"].raise_()
+    t0 = time.perf_counter()
+    sug = rev.next_region()
+    next_s = time.perf_counter() - t0
+    settle()
+    _save(viewer, "08-review-queue.png")
+    _, meas = viewer.window.add_plugin_dock_widget("napari-omniseg", "Measurements", tabify=True)
+    meas.measure(scope="Whole-slide result")
+    if meas.job is not None:
+        wait(meas.job, "measuring")
+    viewer.reset_view()
+    settle()
+    _save(viewer, "09-measurements.png")
+    report["whole_slide_seconds"] = round(slide_s, 1)
+    report["review_queue"] = {"first": sug.why() if sug else None, "next_region_seconds": round(next_s, 3),
+                              "length": len(rev.review_queue() or [])}
+    report["measurements_rows"] = meas.rows
     print(json.dumps(report, indent=1, default=str))
     (HERE / "measurements.json").write_text(json.dumps(report, indent=1, default=str))
     viewer.close()
