@@ -28,7 +28,7 @@ def test_manifest_is_valid_and_named():
         for item in group:
             assert item.command in ids
     assert set(mf.contributions.menus) == {"napari/layers/segment", "napari/layers/annotate",
-                                           "napari/file/io_utilities"}
+                                           "napari/layers/measure", "napari/file/io_utilities"}
 
 
 @pytest.mark.parametrize("cmd", [c.python_name for c in _manifest().contributions.commands])
