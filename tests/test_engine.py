@@ -132,15 +132,38 @@ class _Corrupt(ImageSlide):
 def test_corrupt_tile_is_reported_and_marked_unknown(slide_image, ckpt):
     seg = Segmenter(ckpt, EngineConfig(**CFG, skip_background=False))
     clean, _ = segment_region(seg, ImageSlide(slide_image, mpp=1.0), None, ["distal_tubule"])
-    with pytest.warns(CorruptTileWarning, match="could not be read"):
+    with pytest.warns(CorruptTileWarning, match="could be read only in part"):
         bad, rep = segment_region(seg, _Corrupt(slide_image, mpp=1.0), None, ["distal_tubule"])
-    assert len(rep.tiles_failed) >= 1
+    assert len(rep.tiles_failed) >= 1 and "read in part" in rep.tiles_failed[0][3]
     a, b = clean["distal_tubule"].data, bad["distal_tubule"].data
     assert b[100, 100] == UNKNOWN
     unknown = b == UNKNOWN
-    # blocks away from the broken tile are bit-identical to the clean run
-    np.testing.assert_array_equal(a[:, 256:], b[:, 256:])
-    assert unknown.sum() == 64 * 64
+    # the failed tile is re-read piece by piece: only the 32 px piece holding the broken
+    # spot is lost, not the whole 64 px block
+    assert unknown.sum() == 32 * 32 and unknown[96:128, 96:128].all()
+    # the rest of the broken tile's block is segmented (not unknown, not all background)
+    assert (b[64:128, 64:128] != UNKNOWN).sum() == 64 * 64 - 32 * 32
+    # pixels no part-read tile covers are bit-identical to the clean run; the part-read
+    # tile only fills in where no fully read tile reaches (its block and overlap band)
+    changed = (a != b) & ~unknown
+    assert not changed[:, 160:].any() and not changed[160:].any() and not changed[:40].any()
+
+
+def test_a_tile_with_no_readable_piece_marks_its_block_unknown(slide_image, ckpt):
+    class _Hole(ImageSlide):  # every read that touches level-0 [40:200, 40:200] fails
+        def read_at_mpp(self, target_mpp, y0, x0, h, w):
+            f = target_mpp / self.mpp
+            if y0 < 200 and y0 + h * f > 40 and x0 < 200 and x0 + w * f > 40:
+                raise OSError("truncated strip")
+            return super().read_at_mpp(target_mpp, y0, x0, h, w)
+
+    seg = Segmenter(ckpt, EngineConfig(**CFG, skip_background=False))
+    with pytest.warns(CorruptTileWarning):
+        res, rep = segment_region(seg, _Hole(slide_image, mpp=1.0), None, ["distal_tubule"])
+    b = res["distal_tubule"].data
+    assert (b[64:128, 64:128] == UNKNOWN).all()  # tile (1, 1) lies wholly in the hole
+    assert (b[40:200, 40:200] == UNKNOWN).all() and (b != UNKNOWN).sum() > 0.5 * b.size
+    assert not (b[:32] == UNKNOWN).any() and not (b[:, 224:] == UNKNOWN).any()
 
 
 def test_store_is_valid_ome_zarr_and_a_killed_run_resumes(slide_image, ckpt, tmp_path):

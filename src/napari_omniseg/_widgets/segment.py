@@ -361,7 +361,7 @@ class SegmentWidget(OmnisegWidget):
         msg = (f"Done in {seconds:.1f} s with {seg.ckpt.version}: {rep.tiles_run} tiles run, "
                f"{rep.tiles_skipped} background tiles skipped")
         if rep.tiles_failed:
-            msg += f", {len(rep.tiles_failed)} unreadable tiles marked unknown (grey)"
+            msg += f", {len(rep.tiles_failed)} tiles with unreadable parts (those parts marked unknown, grey)"
         self.set_status(msg + ("; " + "; ".join(failed) if failed else "."))
         if failed:
             self.error("; ".join(failed))

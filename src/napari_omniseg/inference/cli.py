@@ -141,10 +141,10 @@ def cmd_segment(a: argparse.Namespace) -> int:
             store, rep = segment_to_store(seg, src, out, a.tissues, region, on_progress=prog)
             bar.close()
             print(f"wrote {out}: {rep.tiles_run} tiles run, {rep.tiles_skipped} background, "
-                  f"{len(rep.tiles_failed)} unreadable (marked unknown), {rep.blocks_resumed} blocks resumed, "
+                  f"{len(rep.tiles_failed)} with unreadable parts (marked unknown), {rep.blocks_resumed} blocks resumed, "
                   f"{rep.seconds:.1f} s", file=sys.stderr)
             for m, ti, tj, err in rep.tiles_failed:
-                print(f"  unreadable tile at {m}x ({ti}, {tj}): {err}", file=sys.stderr)
+                print(f"  tile at {m}x ({ti}, {tj}): {err}", file=sys.stderr)
     return 0
 
 

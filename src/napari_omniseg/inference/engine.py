@@ -87,23 +87,96 @@ def pick_device(name: str | None = "auto") -> torch.device:
     return torch.device(name)
 
 
-def read_tile(source, plan: MagPlan, ti: int, tj: int) -> np.ndarray:
-    """The tile's pixels at the plan's resolution, mirror-padded past the slide's edge."""
+def _tile_box(plan: MagPlan, ti: int, tj: int):
     s = plan.tile_size
     oy, ox = plan.tile_origin(ti, tj)
     H, W = plan.shape
-    y0, x0 = max(oy, 0), max(ox, 0)
-    y1, x1 = min(oy + s, H), min(ox + s, W)
+    return oy, ox, max(oy, 0), max(ox, 0), min(oy + s, H), min(ox + s, W)
+
+
+def _read_box(source, plan: MagPlan, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+    """Pixels of the plan's grid [y0:y1, x0:x1] (inside the slide)."""
     f = plan.factor
-    img = source.read_at_mpp(plan.mpp, int(round(y0 * f)), int(round(x0 * f)), y1 - y0, x1 - x0)
-    img = np.asarray(img)
+    img = np.asarray(source.read_at_mpp(plan.mpp, int(round(y0 * f)), int(round(x0 * f)), y1 - y0, x1 - x0))
     if img.shape[:2] != (y1 - y0, x1 - x0):
         raise ValueError(f"reader returned {img.shape[:2]}, expected {(y1 - y0, x1 - x0)}")
-    pad = ((y0 - oy, oy + s - y1), (x0 - ox, ox + s - x1), (0, 0))
+    return img
+
+
+def _pad_tile(img: np.ndarray, plan: MagPlan, oy, ox, y0, x0, y1, x1) -> np.ndarray:
+    s = plan.tile_size
+    pad = ((y0 - oy, oy + s - y1), (x0 - ox, ox + s - x1)) + ((0, 0),) * (img.ndim - 2)
     if any(p for pair in pad for p in pair):
         mode = "reflect" if min(img.shape[:2]) > 1 else "edge"
         img = np.pad(img, pad, mode=mode)
     return img
+
+
+def read_tile(source, plan: MagPlan, ti: int, tj: int) -> np.ndarray:
+    """The tile's pixels at the plan's resolution, mirror-padded past the slide's edge."""
+    oy, ox, y0, x0, y1, x1 = _tile_box(plan, ti, tj)
+    return _pad_tile(_read_box(source, plan, y0, x0, y1, x1), plan, oy, ox, y0, x0, y1, x1)
+
+
+#: a tile that cannot be read whole is re-read in quarters, recursively, down to pieces of
+#: this side (plan pixels): only the pieces that still fail are lost, not the whole tile
+MIN_PIECE = 32
+
+
+def _split(lo: int, hi: int, step: int):
+    """Where to cut [lo, hi): on the plan's grid of ``step`` pixels, so that every tile
+    loses the same pieces of a damaged area; None if it is one grid cell already."""
+    m = ((lo + hi) // 2) // step * step
+    if m <= lo:
+        m = (lo // step + 1) * step
+    return m if lo < m < hi else None
+
+
+def read_tile_pieces(source, plan: MagPlan, ti: int, tj: int, min_piece: int = MIN_PIECE):
+    """Read a tile that failed as a whole piece by piece.
+
+    Returns ``(pixels, unreadable)``: the tile (unreadable pieces filled with the mean
+    colour of the readable ones) and a bool mask of its unreadable pixels, or
+    ``(None, None)`` when no piece can be read.
+    """
+    oy, ox, y0, x0, y1, x1 = _tile_box(plan, ti, tj)
+    parts: list = []  # (y0, x0, pixels)
+    bad: list = []  # (y0, x0, y1, x1)
+
+    def visit(a0, b0, a1, b1):
+        try:
+            parts.append((a0, b0, _read_box(source, plan, a0, b0, a1, b1)))
+            return
+        except Exception:  # noqa: BLE001 - any decoder error: split and retry
+            pass
+        am, bm = _split(a0, a1, min_piece), _split(b0, b1, min_piece)
+        if am is None and bm is None:
+            bad.append((a0, b0, a1, b1))
+            return
+        am, bm = am or a1, bm or b1
+        for p0, p1 in ((a0, am), (am, a1)):
+            for q0, q1 in ((b0, bm), (bm, b1)):
+                if p0 < p1 and q0 < q1:
+                    visit(p0, q0, p1, q1)
+
+    visit(y0, x0, y1, x1)
+    if not parts:
+        return None, None
+    ch = parts[0][2].shape[2:]
+    img = np.empty((y1 - y0, x1 - x0, *ch), parts[0][2].dtype)
+    lost = np.zeros((y1 - y0, x1 - x0), bool)
+    total = np.zeros(ch, np.float64)
+    n = 0
+    for a0, b0, px in parts:
+        img[a0 - y0 : a0 - y0 + px.shape[0], b0 - x0 : b0 - x0 + px.shape[1]] = px
+        total += px.reshape(-1, *ch).sum(0)
+        n += px.shape[0] * px.shape[1]
+    fill = np.round(total / max(n, 1)).astype(img.dtype)
+    for a0, b0, a1, b1 in bad:
+        img[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] = fill
+        lost[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] = True
+    return (_pad_tile(img, plan, oy, ox, y0, x0, y1, x1),
+            _pad_tile(lost, plan, oy, ox, y0, x0, y1, x1))
 
 
 class Segmenter:
@@ -220,19 +293,25 @@ class Segmenter:
         tile_set = set(tiles)
         waiting = {b: sum(1 for a in (-1, 0, 1) for c in (-1, 0, 1) if (b[0] + a, b[1] + c) in tile_set) for b in blocks}
         acc: dict = {}
+        #: tiles read only in part (read_tile_pieces): tile -> mask of its unreadable pixels
+        partial: dict = {}
 
         def block_state(b):
             st = acc.get(b)
             if st is None:
                 y0, y1, x0, x1 = plan.block_bounds(*b)
+                # probability sum, weight sum, unknown mask; then the same two sums for tiles
+                # read only in part (allocated when one occurs)
                 st = acc[b] = [np.zeros((len(ids), y1 - y0, x1 - x0), np.float32),
-                               np.zeros((y1 - y0, x1 - x0), np.float32), np.zeros((y1 - y0, x1 - x0), bool)]
+                               np.zeros((y1 - y0, x1 - x0), np.float32), np.zeros((y1 - y0, x1 - x0), bool),
+                               None, None]
             return st
 
         def finish_tile(t, probs=None, failed=False):
             ti, tj = t
             oy, ox = plan.tile_origin(ti, tj)
             s = plan.tile_size
+            lost = partial.pop(t, None) if probs is not None else None
             for a in (-1, 0, 1):
                 for c in (-1, 0, 1):
                     b = (ti + a, tj + c)
@@ -245,8 +324,20 @@ class Segmenter:
                         xs0, xs1 = max(x0, ox), min(x1, ox + s)
                         if ys0 < ys1 and xs0 < xs1:
                             w = self._window[ys0 - oy : ys1 - oy, xs0 - ox : xs1 - ox]
-                            st[0][:, ys0 - y0 : ys1 - y0, xs0 - x0 : xs1 - x0] += probs[:, ys0 - oy : ys1 - oy, xs0 - ox : xs1 - ox] * w
-                            st[1][ys0 - y0 : ys1 - y0, xs0 - x0 : xs1 - x0] += w
+                            tile_part = (slice(ys0 - oy, ys1 - oy), slice(xs0 - ox, xs1 - ox))
+                            block_part = (slice(ys0 - y0, ys1 - y0), slice(xs0 - x0, xs1 - x0))
+                            if lost is None:
+                                st[0][(slice(None), *block_part)] += probs[(slice(None), *tile_part)] * w
+                                st[1][block_part] += w
+                            else:
+                                # a tile read in part is only a fallback: wherever a fully read
+                                # tile covers a pixel, that pixel is what a clean run gives; its
+                                # unreadable pixels are unknown
+                                if st[3] is None:
+                                    st[3], st[4] = np.zeros_like(st[0]), np.zeros_like(st[1])
+                                st[3][(slice(None), *block_part)] += probs[(slice(None), *tile_part)] * w
+                                st[4][block_part] += w
+                                st[2][block_part] |= lost[tile_part]
                     if failed and b == t:
                         st[2][:] = True
                     waiting[b] -= 1
@@ -273,9 +364,14 @@ class Segmenter:
                     break
                 t0 = time.perf_counter()
                 try:
-                    item = (t, read_tile(source, plan, *t), None)
-                except Exception as e:  # a corrupt tile must not end the run
-                    item = (t, None, f"{type(e).__name__}: {e}")
+                    item = (t, read_tile(source, plan, *t), None, None)
+                except Exception as e:  # a corrupt tile must not end the run: read what can be read
+                    err = f"{type(e).__name__}: {e}"
+                    try:
+                        img, lost = read_tile_pieces(source, plan, *t)
+                    except Exception:  # noqa: BLE001
+                        img, lost = None, None
+                    item = (t, img, err, lost)
                 rep.read_seconds += time.perf_counter() - t0
                 while not stop_reader.is_set():
                     try:
@@ -298,8 +394,15 @@ class Segmenter:
                     if item is None:
                         finished = True
                         break
-                    t, img, err = item
-                    if err is not None:
+                    t, img, err, lost = item
+                    if err is not None and img is not None:
+                        n_lost = int(lost[self.cfg.margin : -self.cfg.margin, self.cfg.margin : -self.cfg.margin].sum())
+                        msg = (f"tile {t} at {plan.magnification}x could be read only in part ({err}); "
+                               f"{n_lost} of its {self.cfg.core ** 2} core pixels marked unknown")
+                        warnings.warn(msg, CorruptTileWarning, stacklevel=2)
+                        rep.tiles_failed.append((plan.magnification, t[0], t[1], f"read in part: {err}"))
+                        partial[t] = lost
+                    elif err is not None:
                         msg = f"tile {t} at {plan.magnification}x could not be read ({err}); marked unknown"
                         warnings.warn(msg, CorruptTileWarning, stacklevel=2)
                         rep.tiles_failed.append((plan.magnification, t[0], t[1], err))
@@ -354,9 +457,12 @@ class Segmenter:
         return bool(tile_has_tissue(m, m_mpp, y, x, h, w, level0_mpp))
 
     def _emit(self, sink, plan, b, st, names):
-        acc, wsum, unknown = st
+        acc, wsum, unknown, facc, fsum = st
         with np.errstate(invalid="ignore", divide="ignore"):
             prob = np.where(wsum > 0, acc / np.maximum(wsum, 1e-12), 0.0)
+            if facc is not None:  # pixels only tiles read in part covered
+                only = (wsum <= 0) & (fsum > 0)
+                prob = np.where(only, facc / np.maximum(fsum, 1e-12), prob)
         labels = {}
         for k, name in enumerate(names):
             lab = (prob[k] > 0.5).astype(np.uint8)
