@@ -244,6 +244,70 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- calibrate
+def _cal_args(p):
+    p.add_argument("--checkpoint", "-c", help="checkpoint to calibrate; default: the active model")
+    p.add_argument("--data", "-d", required=True, action="append",
+                   help="labelled patches (dataset folder or CSV, as for train); repeat to pool several")
+    p.add_argument("--split-file")
+    p.add_argument("--split", default="train+val", help="split(s) of the first --data to use ('all' for every sample); "
+                   "never the split you report scores on")
+    p.add_argument("--min-samples", type=int, default=4, help="tissues with fewer patches keep their threshold")
+    p.add_argument("--hold-out-every", type=int, default=0, metavar="N",
+                   help="leave out every N-th patch (by file name) of each further --data, as train_demo.py's option")
+    p.add_argument("--out", "-o", required=True, help="new checkpoint (.safetensors): same weights, calibrated thresholds")
+    p.add_argument("--device", default="auto")
+
+
+@command("calibrate")
+@_args(_cal_args)
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    """Choose each tissue's decision threshold on labelled patches and write a new checkpoint with them."""
+    import torch
+
+    from .model import load_checkpoint, resolve_checkpoint, save_checkpoint
+    from .training.calibrate import calibrate_thresholds
+    from .training.data import load_arrays, load_dataset, select
+
+    path = resolve_checkpoint(a.checkpoint)
+    ck = load_checkpoint(path)
+    sel = []
+    for k, d in enumerate(a.data):
+        samples = load_dataset(d, a.split_file if k == 0 else None)
+        if k > 0 and a.hold_out_every:
+            samples = [s for i, s in enumerate(sorted(samples, key=lambda s: str(s.image_path)))
+                       if i % a.hold_out_every != a.hold_out_every - 1]
+        sel += load_arrays(select(samples, None if (a.split == "all" or k > 0) else a.split))
+    if not sel:
+        print(f"error: no samples in split {a.split!r}", file=sys.stderr)
+        return 2
+    th, table = calibrate_thresholds(ck, sel, min_samples=a.min_samples, device=a.device)
+    prov = dict(ck.provenance, parent=ck.version, calibration={
+        "data": [str(d) for d in a.data], "split": a.split, "n": len(sel), "command": " ".join(sys.argv),
+        "dice_by_threshold": {t: {str(k): round(v, 4) for k, v in row.items()} for t, row in table.items()}})
+    dtype = torch.float16 if str(read_dtype(path)) == "float16" else torch.float32
+    save_checkpoint(ck.model, a.out, ck.tissues, normalization=ck.normalization, provenance=prov,
+                    metrics=ck.metrics, dtype=dtype, thresholds=th)
+    print(f"{path.name}: {len(sel)} patches")
+    for t in ck.tissues:
+        row = table.get(t.name)
+        old = ck.threshold(t.name)
+        if row is None:
+            print(f"  {t.name:<24} no patches: threshold {old:.2f} kept")
+            continue
+        new = th.get(t.name, old)
+        print(f"  {t.name:<24} threshold {old:.2f} -> {new:.2f}   Dice {row.get(old, float('nan')):.3f} -> {row[new]:.3f}"
+              if old in row else f"  {t.name:<24} threshold {old:.2f} -> {new:.2f}   Dice {row[new]:.3f}")
+    print(f"wrote {a.out}")
+    return 0
+
+
+def read_dtype(path) -> str:
+    from .model.checkpoint import read_sidecar
+
+    return read_sidecar(path).get("dtype", "float32")
+
+
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     _load_plugins()

@@ -465,7 +465,7 @@ class Segmenter:
                 prob = np.where(only, facc / np.maximum(fsum, 1e-12), prob)
         labels = {}
         for k, name in enumerate(names):
-            lab = (prob[k] > 0.5).astype(np.uint8)
+            lab = (prob[k] > self.ckpt.threshold(name)).astype(np.uint8)
             lab[unknown] = UNKNOWN
             labels[name] = lab
         write_scores = getattr(sink, "write_scores", None)

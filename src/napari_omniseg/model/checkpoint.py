@@ -8,6 +8,8 @@
 - ``normalization``: input range, mean and std per channel
 - ``provenance``: data manifest hashes, epochs, seed, parent checkpoint, command, time
 - ``metrics``: validation scores
+- ``thresholds`` (optional): per tissue name, the foreground probability above which a
+  pixel is that tissue (default 0.5), calibrated on the training patches
 - ``weights_sha256``: SHA-256 of the ``.safetensors`` file; checked on load
 - ``dtype``: the stored dtype (``float32`` or ``float16``); loading always yields float32
 
@@ -53,6 +55,13 @@ class Checkpoint:
     provenance: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     sha256: str = ""
+    #: tissue name -> decision threshold on the foreground probability (0.5 if absent)
+    thresholds: dict = field(default_factory=dict)
+
+    def threshold(self, tissue: "Tissue | str") -> float:
+        """The foreground-probability threshold of one tissue (0.5 unless calibrated)."""
+        name = tissue.name if isinstance(tissue, Tissue) else str(tissue)
+        return float(self.thresholds.get(name, 0.5))
 
     @property
     def version(self) -> str:
@@ -99,6 +108,7 @@ def save_checkpoint(
     provenance: dict | None = None,
     metrics: dict | None = None,
     dtype: torch.dtype = torch.float32,
+    thresholds: dict | None = None,
 ) -> Path:
     """Write ``path`` (.safetensors) and its JSON sidecar.  Refuses to overwrite.
 
@@ -114,6 +124,11 @@ def save_checkpoint(
         raise CheckpointError(f"model has {model.cfg.n_tissues} tissue slots but {len(tissues)} tissues were given")
     if not all_finite(model):
         raise CheckpointError("refusing to save a model with non-finite weights (NaN or Inf)")
+    if thresholds:
+        try:
+            check_thresholds(thresholds, tissues)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -133,6 +148,7 @@ def save_checkpoint(
             "normalization": normalization or dict(DEFAULT_NORMALIZATION),
             "provenance": {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(provenance or {})},
             "metrics": _jsonable(metrics or {}),
+            **({"thresholds": {k: float(v) for k, v in thresholds.items()}} if thresholds else {}),
             "dtype": str(dtype).replace("torch.", ""),
             "n_parameters": sum(v.numel() for v in state.values()),
             "weights_file": path.name,
@@ -227,6 +243,18 @@ def check_normalization(norm) -> None:
         raise ValueError(f"normalization std must be > 0 for every channel, got {norm['std']}")
 
 
+def check_thresholds(th, tissues: Sequence[Tissue]) -> None:
+    """Decision thresholds: an object of known tissue names to numbers in [0.01, 0.99]."""
+    if not isinstance(th, dict):
+        raise ValueError(f"thresholds must be an object of tissue name -> number, got {type(th).__name__}")
+    names = {t.name for t in tissues}
+    for k, v in th.items():
+        if k not in names:
+            raise ValueError(f"thresholds name an unknown tissue {k!r}")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0.01 <= float(v) <= 0.99):
+            raise ValueError(f"threshold of {k} must be a number in 0.01..0.99, got {v!r}")
+
+
 def load_checkpoint(path: "str | Path", device: "str | torch.device" = "cpu", verify: bool = True) -> Checkpoint:
     """Load a checkpoint; never unpickles.
 
@@ -254,8 +282,9 @@ def load_checkpoint(path: "str | Path", device: "str | torch.device" = "cpu", ve
         check_architecture(cfg)
         tissues = tissues_from_json(meta["tissues"])
         check_normalization(meta.get("normalization", dict(DEFAULT_NORMALIZATION)))
+        check_thresholds(meta.get("thresholds", {}), tissues)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{sidecar_path(path).name}: bad architecture, tissue list or normalisation ({e})") from None
+        raise CheckpointError(f"{sidecar_path(path).name}: bad architecture, tissue list, normalisation or thresholds ({e})") from None
     if len(tissues) != cfg.n_tissues:
         raise CheckpointError(f"{path.name}: sidecar lists {len(tissues)} tissues for {cfg.n_tissues} tissue slots")
     try:
@@ -290,6 +319,7 @@ def load_checkpoint(path: "str | Path", device: "str | torch.device" = "cpu", ve
         provenance=meta.get("provenance", {}),
         metrics=meta.get("metrics", {}),
         sha256=meta.get("weights_sha256", ""),
+        thresholds={k: float(v) for k, v in meta.get("thresholds", {}).items()},
     )
 
 

@@ -86,6 +86,9 @@ class TrainConfig:
     #: bf16 autocast where it is fast: CUDA with bf16, or a CPU with AVX-512 bf16 / AMX
     #: (checked at run time); fp32 everywhere else
     amp: bool = True
+    #: after training, choose each tissue's decision threshold on the training and
+    #: validation patches (training/calibrate.py); False keeps the parent's (or 0.5)
+    calibrate: bool = True
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -259,24 +262,12 @@ def _set_frozen(model, freeze: bool):
 
 @torch.inference_mode()
 def predict_samples(ckpt: Checkpoint, samples: Sequence[Sample], batch_size: int = 8, device="cpu") -> list[np.ndarray]:
-    """Foreground masks for each sample with its own tissue's head (full patches)."""
-    dev = _device(device)
-    model = ckpt.model.to(dev).eval()
-    out: list[np.ndarray | None] = [None] * len(samples)
-    by_shape: dict[tuple, list[int]] = {}
-    for i, s in enumerate(samples):
-        by_shape.setdefault(s.image.shape, []).append(i)
-    for idxs in by_shape.values():
-        for j in range(0, len(idxs), batch_size):
-            chunk = idxs[j : j + batch_size]
-            x = torch.from_numpy(np.stack([samples[i].image for i in chunk])).permute(0, 3, 1, 2).to(dev)
-            x, crop = _pad_to(ckpt.normalize(x), ckpt.model.cfg.divisor)
-            tissues = [samples[i].tissue.id for i in chunk]
-            logits = model(x, tissues)
-            fg = foreground(logits)[..., : crop[0], : crop[1]].cpu().numpy()
-            for k, i in enumerate(chunk):
-                out[i] = fg[k]
-    return out  # type: ignore[return-value]
+    """Foreground masks for each sample with its own tissue's head (full patches), cut
+    at the checkpoint's threshold for that tissue (0.5 unless calibrated)."""
+    from .calibrate import probability_maps
+
+    probs = probability_maps(ckpt, samples, batch_size=batch_size, device=_device(device))
+    return [p > ckpt.threshold(s.tissue.name) for p, s in zip(probs, samples)]
 
 
 def _pad_to(x: torch.Tensor, d: int):
@@ -504,10 +495,23 @@ def train(
     if val_samples:
         metrics["val_dice"] = next((r["val_dice"] for r in history["epochs"] if r["epoch"] == best_epoch), {})
     result = Checkpoint(model=model.cpu(), tissues=tuple(ckpt.tissues), normalization=ckpt.normalization,
-                        provenance=prov, metrics=metrics)
+                        provenance=prov, metrics=metrics, thresholds=dict(ckpt.thresholds) if init is not None else {})
+    if cfg.calibrate:
+        if stop():
+            raise TrainingCancelled("cancelled before calibration; no checkpoint written")
+        if on_progress:
+            on_progress({"phase": "calibrate", "samples": len(train_samples) + len(val_samples)})
+        from .calibrate import calibrate_thresholds
+
+        th, table = calibrate_thresholds(result, list(train_samples) + list(val_samples))
+        result.thresholds = th
+        prov["calibration"] = {"samples": "train + validation", "n": len(train_samples) + len(val_samples),
+                               "dice_by_threshold": {t: {str(k): round(v, 4) for k, v in row.items()}
+                                                     for t, row in table.items()}}
+        history["thresholds"] = th
     if out_path is not None:
         save_checkpoint(model, out_path, ckpt.tissues, normalization=ckpt.normalization, provenance=prov,
-                        metrics=metrics, dtype=save_dtype)
+                        metrics=metrics, dtype=save_dtype, thresholds=result.thresholds)
         from ..model.checkpoint import load_checkpoint
 
         result = load_checkpoint(out_path)
