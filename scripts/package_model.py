@@ -2,7 +2,7 @@
 
     python scripts/package_model.py runs/demo-train.safetensors
 
-Keeps the architecture, tissues, normalisation, provenance and metrics of the
+Keeps the architecture, tissues, normalisation, thresholds, provenance and metrics of the
 source checkpoint, adds where it came from (its SHA-256) and the test-split scores
 if an ``.eval.json`` from ``benchmarks/train_demo.py`` lies beside it.
 """
@@ -39,7 +39,7 @@ def main(src: str) -> None:
         metrics["test"] = {t: {k: v[k] for k in ("n", "dice", "hd_um", "hd95_um", "msd_um")} for t, v in s["per_tissue"].items()}
     prov = dict(ck.provenance, packaged_from_sha256=ck.sha256, packaged_dtype="float16", **replaced)
     save_checkpoint(ck.model, out, ck.tissues, normalization=ck.normalization, provenance=prov, metrics=metrics,
-                    dtype=torch.float16)
+                    dtype=torch.float16, thresholds=ck.thresholds)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
 

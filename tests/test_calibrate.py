@@ -81,6 +81,7 @@ def test_calibrate_cli_finds_the_distal_tubule_on_real_patches(demo_dir, tmp_pat
     assert r.returncode == 0, r.stderr
     assert "distal_tubule" in r.stdout and f"wrote {out}" in r.stdout
     base, cal = load_checkpoint(shipped_checkpoint()), load_checkpoint(out)
+    base.thresholds = {}  # the uncalibrated model: every tissue at 0.5
     assert cal.threshold("distal_tubule") < 0.5
     assert cal.provenance["calibration"]["n"] >= 16
     for k, v in base.model.state_dict().items():  # same weights

@@ -260,3 +260,24 @@ def test_a_small_region_of_a_huge_single_level_slide_costs_the_region(slide_imag
     assert store.complete and store.level("distal_tubule", 0).shape == (10000, 10000)
     assert _Lazy.read_px < 20e6, _Lazy.read_px  # region, halo and tiles: ~8e6 px; the whole-slide mask alone reads 4e8
     assert writes[0] < 200, writes[0]  # a whole-slide finish writes thousands of chunks here
+
+
+def test_labels_on_glass_are_background_also_inside_tiles_with_tissue(slide_image, ckpt):
+    """A tile holding tissue is run whole; what the heads say about its glass (white,
+    outside the tissue mask grown by one mask pixel) is cleared."""
+    import dataclasses
+
+    img = np.full((512, 512, 3), 246, np.uint8)
+    img[:, :200] = slide_image[:, :200][np.arange(512) % slide_image.shape[0]]  # tissue on the left, glass right
+    src = ImageSlide(img, mpp=1.0)
+    ck = dataclasses.replace(ckpt, thresholds={"distal_tubule": 0.01})  # the head marks nearly everything
+    cfg = dict(core=512, margin=16, batch_size=2, skip_background=True)  # one tile: tissue and glass
+    on, _ = segment_region(Segmenter(ck, EngineConfig(**cfg)), src, None, ["distal_tubule"])
+    off, _ = segment_region(Segmenter(ck, EngineConfig(**cfg, clear_glass=False)), src, None, ["distal_tubule"])
+    a, b = on["distal_tubule"].data, off["distal_tubule"].data
+    assert (b[:, 300:] == 1).mean() > 0.9  # without the rule the head covers the glass
+    assert not a[:, 300:].any()  # with it the glass is background
+    # tissue keeps its labels: every stained pixel labelled without the rule still is
+    stained = img.min(axis=-1) < 230
+    assert stained[:, :200].mean() > 0.5
+    np.testing.assert_array_equal(a[stained], b[stained])

@@ -55,6 +55,9 @@ class EngineConfig:
     skip_background: bool = True
     prefetch: int = 2  #: batches read ahead
     threads: int = 0  #: torch CPU threads (0 = leave as is)
+    #: with ``skip_background``: pixels the tissue mask calls glass (grown by one mask
+    #: pixel, 16 um) are background for every tissue, also inside tiles that hold tissue
+    clear_glass: bool = True
 
 
 @dataclass
@@ -193,6 +196,7 @@ class Segmenter:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._window = ramp_window(self.cfg.core, self.cfg.margin)
         self._mask_cache: dict = {}
+        self._grown: dict = {}
 
     # ------------------------------------------------------------------ helpers
     def tissues(self, names: Iterable | None) -> list[Tissue]:
@@ -342,7 +346,8 @@ class Segmenter:
                         st[2][:] = True
                     waiting[b] -= 1
                     if waiting[b] == 0:
-                        self._emit(sink, plan, b, acc.pop(b), names)
+                        gate = self._tissue_gate(mask, plan, b, source.mpp) if mask is not None else None
+                        self._emit(sink, plan, b, acc.pop(b), names, gate)
                         rep.blocks_written += 1
 
         # which tiles hold tissue
@@ -456,7 +461,26 @@ class Segmenter:
         y, x, h, w = plan.level0_box(*t)
         return bool(tile_has_tissue(m, m_mpp, y, x, h, w, level0_mpp))
 
-    def _emit(self, sink, plan, b, st, names):
+    def _tissue_gate(self, mask, plan, b, level0_mpp):
+        """Over block ``b``: True where the tissue mask, grown by one of its pixels, holds
+        tissue (None when glass is not cleared)."""
+        if not self.cfg.clear_glass:
+            return None
+        m, m_mpp = mask
+        key = id(m)
+        grown = self._grown.get(key)
+        if grown is None or grown[0] is not m:
+            from scipy import ndimage
+
+            grown = self._grown[key] = (m, ndimage.binary_dilation(m, np.ones((3, 3), bool)))
+        g = grown[1]
+        y0, y1, x0, x1 = plan.block_bounds(*b)
+        r = plan.factor * float(level0_mpp) / float(m_mpp)  # mask pixels per plan pixel
+        ys = np.clip(((np.arange(y0, y1) + 0.5) * r).astype(int), 0, g.shape[0] - 1)
+        xs = np.clip(((np.arange(x0, x1) + 0.5) * r).astype(int), 0, g.shape[1] - 1)
+        return g[np.ix_(ys, xs)]
+
+    def _emit(self, sink, plan, b, st, names, gate=None):
         acc, wsum, unknown, facc, fsum = st
         with np.errstate(invalid="ignore", divide="ignore"):
             prob = np.where(wsum > 0, acc / np.maximum(wsum, 1e-12), 0.0)
@@ -466,6 +490,8 @@ class Segmenter:
         labels = {}
         for k, name in enumerate(names):
             lab = (prob[k] > self.ckpt.threshold(name)).astype(np.uint8)
+            if gate is not None:
+                lab &= gate
             lab[unknown] = UNKNOWN
             labels[name] = lab
         write_scores = getattr(sink, "write_scores", None)
