@@ -14,9 +14,11 @@ For each seed:
 The queue's score of a patch is what the engine stores per block
 (:func:`napari_omniseg.labels.review.block_scores`): the entropy of the patch's
 tissue head plus its anatomy-rule violations, with every tissue of that
-magnification predicted; the spread rule here is "at most ceil(k / 3) patches of
-one tissue per round" (patches are separate images, so the queue's spatial rule has
-nothing to act on).
+magnification predicted and cut at the model's calibrated thresholds. As the
+queue's tissues take turns, each round takes the most uncertain pool patch of each
+tissue in turn (at most ceil(k / tissues) per tissue); patches are separate images,
+so the queue's spatial spread rule has nothing to act on. ``--by-score`` ranks by
+score alone with at most ceil(k / 3) per tissue (the rule of the first study).
 
     python benchmarks/active_learning.py --seeds 0 1 2 --threads 1 --out runs/al.json \
         --png docs/images/active-learning.png
@@ -47,19 +49,29 @@ def patch_scores(ck, samples) -> list[float]:
     for s in samples:
         same = [t for t in ck.tissues if t.magnification == s.tissue.magnification]
         prob = seg.predict_tiles(s.image[None], [t.id for t in same])[0]
-        labels = {t.name: (prob[k] > 0.5).astype(np.uint8) for k, t in enumerate(same)}
-        v = block_scores(prob, labels, same)[s.tissue.name]
+        labels = {t.name: (prob[k] > ck.threshold(t)).astype(np.uint8) for k, t in enumerate(same)}
+        v = block_scores(prob, labels, same, thresholds=ck.thresholds)[s.tissue.name]
         out.append(float(v[0] + v[2]))
     return out
 
 
-def pick(strategy, ck, pool, k, rng) -> list[int]:
+def pick(strategy, ck, pool, k, rng, by_score=False) -> list[int]:
     if strategy == "random":
         return sorted(rng.choice(len(pool), size=min(k, len(pool)), replace=False).tolist())
     scores = patch_scores(ck, pool)
-    cap = math.ceil(k / 3)
+    order = sorted(range(len(pool)), key=lambda i: -scores[i])
+    if by_score:
+        cap = math.ceil(k / 3)
+    else:  # tissues take turns: each tissue's n-th best before any tissue's (n+1)-th
+        cap = math.ceil(k / len({s.tissue.name for s in pool}))
+        nth, keyed = {}, []
+        for i in order:
+            t = pool[i].tissue.name
+            keyed.append((nth.get(t, 0), i))
+            nth[t] = nth.get(t, 0) + 1
+        order = [i for _n, i in sorted(keyed, key=lambda x: x[0])]
     chosen, per = [], {}
-    for i in sorted(range(len(pool)), key=lambda i: -scores[i]):
+    for i in order:
         t = pool[i].tissue.name
         if per.get(t, 0) >= cap:
             continue
@@ -103,7 +115,7 @@ def run_seed(seed: int, a) -> dict:
         curve = [(0, res["start_dice"])]
         picked_tissues = []
         for r in range(a.rounds):
-            idx = pick(strategy, ck, pool, a.k, srng)
+            idx = pick(strategy, ck, pool, a.k, srng, a.by_score)
             chosen = [pool[i] for i in idx]
             picked_tissues.append(sorted(s.tissue.short for s in chosen))
             labelled += chosen
@@ -155,6 +167,7 @@ def main(argv=None) -> int:
     p.add_argument("--ft-lr", type=float, default=5e-4)
     p.add_argument("--freeze-encoder", action="store_true", help="as the Fine-tune widget's default")
     p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--by-score", action="store_true", help="the first study's rule: score order, ceil(k / 3) per tissue")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
     p.add_argument("--png")

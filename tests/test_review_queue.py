@@ -72,6 +72,27 @@ def test_ranking_order_spread_and_reviewed_on_a_hand_made_store(tmp_path):
     assert len(suggest(st, n=2)) == 2
 
 
+def test_tissues_take_turns_in_the_queue(tmp_path):
+    """One tissue unsure everywhere must not fill the queue: each tissue's best block
+    comes before any tissue's second (unless ranked by score alone)."""
+    st = LabelStore.create(tmp_path / "t.ome.zarr", [DT, PT], (1024, 1024), 0.5, 64, {"source": "x.svs"})
+    (plan,) = make_plans([DT, PT], (1024, 1024), 0.5, core=64, margin=8)
+    for k, (bi, bj) in enumerate([(0, 0), (0, 4), (4, 0), (4, 4)]):
+        st.write_scores(plan, bi, bj, {DT.name: [0.9 - 0.01 * k, 0, 0, 0.1], PT.name: [np.nan] * 4})
+    st.write_scores(plan, 7, 7, {PT.name: [0.3, 0, 0, 0.1], DT.name: [np.nan] * 4})
+    turns = [s.tissue for s in suggest(st, n=5)]
+    assert turns == ["distal_tubule", "proximal_tubule", "distal_tubule", "distal_tubule", "distal_tubule"]
+    assert [s.tissue for s in suggest(st, n=5, balance=False)][-1] == "proximal_tubule"
+
+
+def test_entropy_is_taken_relative_to_the_tissue_threshold():
+    prob = np.full((1, 4, 4), 0.1, np.float32)  # every pixel on a calibrated threshold of 0.1
+    lab = {"distal_tubule": np.zeros((4, 4), np.uint8)}
+    at_half = block_scores(prob, lab, [DT])["distal_tubule"][0]
+    at_th = block_scores(prob, lab, [DT], thresholds={"distal_tubule": 0.1})["distal_tubule"][0]
+    assert at_half == pytest.approx(0.469, abs=1e-3) and at_th == pytest.approx(1.0, abs=1e-3)
+
+
 def _cli(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "napari_omniseg", *map(str, args)], capture_output=True, text=True,

@@ -282,7 +282,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
         print(f"error: no samples in split {a.split!r}", file=sys.stderr)
         return 2
     th, table = calibrate_thresholds(ck, sel, min_samples=a.min_samples, device=a.device)
-    prov = dict(ck.provenance, parent=ck.version, calibration={
+    prov = dict(ck.provenance, calibrated_from=ck.version, calibration={
         "data": [str(d) for d in a.data], "split": a.split, "n": len(sel), "command": " ".join(sys.argv),
         "dice_by_threshold": {t: {str(k): round(v, 4) for k, v in row.items()} for t, row in table.items()}})
     dtype = torch.float16 if str(read_dtype(path)) == "float16" else torch.float32

@@ -187,6 +187,8 @@ def _suggest_args(p: argparse.ArgumentParser):
     p.add_argument("-n", type=int, default=20, help="how many regions (default 20)")
     p.add_argument("--spread", type=float, default=2.0,
                    help="skip a block within this many block widths of one already suggested (default 2)")
+    p.add_argument("--by-score", action="store_true",
+                   help="rank by score alone (default: the tissues take turns, each one's best block first)")
     p.add_argument("--project", help="a correction project folder: regions committed there leave the queue")
     p.add_argument("--geojson", help="also write the regions as QuPath GeoJSON annotations here")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -215,7 +217,7 @@ def cmd_suggest(a: argparse.Namespace) -> int:
         print(f"error: {a.store} holds no review scores (it was written by an earlier version); "
               "segment the slide again into a new folder", file=sys.stderr)
         return 2
-    sugs = suggest(store, a.tissues, a.n, reviewed=reviewed, spread=a.spread)
+    sugs = suggest(store, a.tissues, a.n, reviewed=reviewed, spread=a.spread, balance=not a.by_score)
     if a.geojson:
         atomic_write_bytes(Path(a.geojson), json.dumps(suggestions_geojson(sugs)).encode())
         print(f"wrote {a.geojson}", file=sys.stderr)

@@ -498,7 +498,7 @@ class Segmenter:
         if write_scores is not None:  # review scores from the probabilities at hand (labels/review.py)
             from ..labels.review import block_scores
 
-            write_scores(plan, b[0], b[1], block_scores(prob, labels, plan.tissues, unknown))
+            write_scores(plan, b[0], b[1], block_scores(prob, labels, plan.tissues, unknown, self.ckpt.thresholds))
         sink.write_block(plan, b[0], b[1], labels)
 
 

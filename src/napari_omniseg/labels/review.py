@@ -4,8 +4,12 @@ While it segments, the engine scores every output block of every tissue from the
 probabilities it has anyway (no second pass over the slide):
 
 - ``entropy``: mean binary entropy of the tissue's pixel probabilities, in bits
-  (0 = every pixel certain, 1 = every pixel at p = 0.5);
+  (0 = every pixel certain, 1 = every pixel on the decision threshold);
 - ``uncertain``: the share of pixels with a probability between 0.25 and 0.75;
+
+Both are taken relative to the tissue's decision threshold ``th`` (the checkpoint's
+calibrated one, 0.5 by default): the probability is first mapped piecewise
+linearly so that ``th`` lands on 0.5 (0 -> 0, th -> 0.5, 1 -> 1).
 - ``violation``: the share of the tissue's predicted pixels that break the tissue
   registry's anatomy at that magnification: a tissue predicted outside the tissue
   it lies inside (tuft outside its glomerular unit), a container missing where its
@@ -17,10 +21,13 @@ They are stored in the label store as one small float32 array per tissue,
 ``review/<tissue>`` (one cell per block, NaN where a block was not run), see
 docs/formats.md.
 
-The queue ranks blocks by ``score = entropy + violation`` (both in 0..1), highest
-first, and spreads them out: a block is skipped when its centre lies within
-``spread`` block widths (default 2) of a block already in the queue, for any
-tissue, so ten neighbouring blocks of one artefact take one place, not ten.
+The queue ranks blocks by ``score = entropy + violation`` (both in 0..1) and takes
+the tissues in turn (``balance``, the default): the most uncertain block of each
+tissue, tissues ordered by that block's score, then the second of each, and so on,
+so that one tissue whose head is unsure everywhere cannot fill the queue. It
+spreads them out: a block is skipped when its centre lies within ``spread`` block
+widths (default 2) of a block already in the queue, for any tissue, so ten
+neighbouring blocks of one artefact take one place, not ten.
 Blocks covered (over half their area) by a region already committed in the
 correction project leave the queue.
 """
@@ -39,10 +46,18 @@ FIELDS = ("entropy", "uncertain", "violation", "foreground")
 GROUP = "review"
 
 
+def calibrated(p: np.ndarray, th: float) -> np.ndarray:
+    """Map probabilities so that the decision threshold ``th`` lands on 0.5."""
+    if th == 0.5:
+        return p
+    return np.where(p < th, 0.5 * p / th, 0.5 + 0.5 * (p - th) / (1.0 - th))
+
+
 def block_scores(prob: np.ndarray, labels: dict[str, np.ndarray], tissues: Sequence[Tissue],
-                 unknown: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                 unknown: np.ndarray | None = None, thresholds: "dict | None" = None) -> dict[str, np.ndarray]:
     """Scores (:data:`FIELDS`) of one block: ``prob`` is (K, h, w) for ``tissues`` in
-    order, ``labels`` their 0/1 decisions; pixels in ``unknown`` are left out."""
+    order, ``labels`` their 0/1 decisions (cut at ``thresholds``, tissue name ->
+    threshold, 0.5 if absent); pixels in ``unknown`` are left out."""
     keep = np.ones(prob.shape[1:], bool) if unknown is None else ~unknown
     n = int(keep.sum())
     out = {}
@@ -51,7 +66,8 @@ def block_scores(prob: np.ndarray, labels: dict[str, np.ndarray], tissues: Seque
         if n == 0:
             out[t.name] = np.full(len(FIELDS), np.nan, np.float32)
             continue
-        p = np.clip(prob[k][keep].astype(np.float64), 1e-6, 1 - 1e-6)
+        p = calibrated(prob[k][keep].astype(np.float64), float((thresholds or {}).get(t.name, 0.5)))
+        p = np.clip(p, 1e-6, 1 - 1e-6)
         ent = float(np.mean(-(p * np.log2(p) + (1 - p) * np.log2(1 - p))))
         unc = float(np.mean((p > 0.25) & (p < 0.75)))
         mine = fg[t.name]
@@ -119,7 +135,7 @@ def _overlap(a, b) -> float:
 
 def suggest(store, tissues: "Iterable[str | Tissue] | None" = None, n: int = 20, *,
             reviewed: "Iterable[tuple[str, tuple[int, int, int, int]]]" = (), spread: float = 2.0,
-            registry: Sequence[Tissue] = TISSUES) -> list[Suggestion]:
+            balance: bool = True, registry: Sequence[Tissue] = TISSUES) -> list[Suggestion]:
     """The review queue of a label store: up to ``n`` blocks, most uncertain first.
 
     ``reviewed`` lists (tissue, level-0 box) pairs already corrected (a block of that
@@ -154,6 +170,13 @@ def suggest(store, tissues: "Iterable[str | Tissue] | None" = None, n: int = 20,
                 continue
             cands.append((float(score[bi, bj]), name, box, a[bi, bj], core * f))
     cands.sort(key=lambda c: (-c[0], c[1], c[2][1], c[2][0]))
+    if balance:  # tissues in turn: each one's k-th block before any tissue's (k+1)-th
+        nth: dict = {}
+        order = []
+        for c in cands:
+            order.append((nth.get(c[1], 0), c))
+            nth[c[1]] = nth.get(c[1], 0) + 1
+        cands = [c for _k, c in sorted(order, key=lambda kc: kc[0])]  # stable: score order within a turn
     out: list[Suggestion] = []
     centres: list[tuple[float, float, float]] = []
     for s, name, (x, y, w, h), v, size in cands:
