@@ -241,9 +241,15 @@ def main() -> int:
     for tname in list(seg.state.session.regions):
         if seg.state.session.regions[tname].has_uncommitted_edits():
             seg.state.session.discard(tname)
-    wait(ft.activate(), "re-segmentation with the new model")
+    job = ft.activate()  # re-segments the region, unless it shows committed corrections
     cam.center = (y + h / 2, x + w / 2)
     cam.zoom = 2.6
+    settle()
+    if job is not None:
+        wait(job, "re-segmentation with the new model")
+    else:  # as the widget says: segment the region again to see the new model's prediction
+        seg._scope.value = SCOPE_FOV
+        wait(seg.run(), "re-segmentation with the new model")
     settle()
     _save(viewer, "07-resegmented.png")
 

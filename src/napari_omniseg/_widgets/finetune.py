@@ -181,6 +181,8 @@ class FinetuneWidget(OmnisegWidget):
             self._progress.value = f"Measuring the {ev['which']} model on {ev['n']} held-out patches..."
         elif ph == "load":
             self._progress.value = ev.get("message", "")
+        elif ph == "calibrate":
+            self._progress.value = f"Choosing each tissue's decision threshold on {ev['samples']} patches..."
 
     def cancel(self, *_):
         if self.job is not None and self.job.running:
