@@ -263,8 +263,9 @@ def test_a_small_region_of_a_huge_single_level_slide_costs_the_region(slide_imag
 
 
 def test_labels_on_glass_are_background_also_inside_tiles_with_tissue(slide_image, ckpt):
-    """A tile holding tissue is run whole; what the heads say about its glass (white,
-    outside the tissue mask grown by one mask pixel) is cleared."""
+    """A tile holding tissue is run whole; what the heads say about its glass (white
+    pixels outside the tissue mask grown by one mask pixel) is cleared; a pixel that
+    is not white keeps its label even where the coarse mask missed pale tissue."""
     import dataclasses
 
     img = np.full((512, 512, 3), 246, np.uint8)
@@ -278,6 +279,6 @@ def test_labels_on_glass_are_background_also_inside_tiles_with_tissue(slide_imag
     assert (b[:, 300:] == 1).mean() > 0.9  # without the rule the head covers the glass
     assert not a[:, 300:].any()  # with it the glass is background
     # tissue keeps its labels: every stained pixel labelled without the rule still is
-    stained = img.min(axis=-1) < 230
+    stained = img.min(axis=-1) <= 240
     assert stained[:, :200].mean() > 0.5
     np.testing.assert_array_equal(a[stained], b[stained])

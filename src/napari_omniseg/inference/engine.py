@@ -32,6 +32,9 @@ from .plan import MagPlan, make_plans, ramp_window, region_in_plan
 log = logging.getLogger(__name__)
 
 UNKNOWN = 255  #: label value of pixels that could not be analysed (unreadable tile)
+#: a pixel whose darkest channel is above this is white (glass) for ``clear_glass``
+#: (0.94 x 255, the tissue mask's own "white")
+WHITE_GLASS = 240
 
 ProgressFn = Callable[[dict], None]
 StopFn = Callable[[], bool]
@@ -308,10 +311,10 @@ class Segmenter:
                 # read only in part (allocated when one occurs)
                 st = acc[b] = [np.zeros((len(ids), y1 - y0, x1 - x0), np.float32),
                                np.zeros((y1 - y0, x1 - x0), np.float32), np.zeros((y1 - y0, x1 - x0), bool),
-                               None, None]
+                               None, None, None]  # + where the block's own tile shows white glass
             return st
 
-        def finish_tile(t, probs=None, failed=False):
+        def finish_tile(t, probs=None, failed=False, pixels=None):
             ti, tj = t
             oy, ox = plan.tile_origin(ti, tj)
             s = plan.tile_size
@@ -342,6 +345,10 @@ class Segmenter:
                                 st[3][(slice(None), *block_part)] += probs[(slice(None), *tile_part)] * w
                                 st[4][block_part] += w
                                 st[2][block_part] |= lost[tile_part]
+                    if pixels is not None and b == t and self.cfg.clear_glass:
+                        y0, y1, x0, x1 = plan.block_bounds(*b)
+                        core = pixels[y0 - oy : y1 - oy, x0 - ox : x1 - ox, :3]
+                        st[5] = core.min(axis=-1) > WHITE_GLASS
                     if failed and b == t:
                         st[2][:] = True
                     waiting[b] -= 1
@@ -451,8 +458,8 @@ class Segmenter:
         probs = self._predict_safely(x, ids)[:n]
         rep.model_seconds += time.perf_counter() - t0
         rep.tiles_run += len(batch)
-        for t, p in zip(keys, probs):
-            finish_tile(t, p)
+        for t, p, img in zip(keys, probs, batch):
+            finish_tile(t, p, pixels=img)
 
     def _has_tissue(self, mask, plan, t, level0_mpp) -> bool:
         from ..slides.tissue_mask import tile_has_tissue
@@ -481,7 +488,9 @@ class Segmenter:
         return g[np.ix_(ys, xs)]
 
     def _emit(self, sink, plan, b, st, names, gate=None):
-        acc, wsum, unknown, facc, fsum = st
+        acc, wsum, unknown, facc, fsum, white = st
+        if gate is not None and white is not None:
+            gate = gate | ~white  # only white pixels outside the tissue mask are glass
         with np.errstate(invalid="ignore", divide="ignore"):
             prob = np.where(wsum > 0, acc / np.maximum(wsum, 1e-12), 0.0)
             if facc is not None:  # pixels only tiles read in part covered
