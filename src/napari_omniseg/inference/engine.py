@@ -58,8 +58,9 @@ class EngineConfig:
     skip_background: bool = True
     prefetch: int = 2  #: batches read ahead
     threads: int = 0  #: torch CPU threads (0 = leave as is)
-    #: with ``skip_background``: pixels the tissue mask calls glass (grown by one mask
-    #: pixel, 16 um) are background for every tissue, also inside tiles that hold tissue
+    #: with ``skip_background``: white pixels (``WHITE_GLASS``) outside the tissue mask
+    #: (grown by one mask pixel, 16 um) are background for every tissue, also inside
+    #: tiles that hold tissue
     clear_glass: bool = True
 
 
