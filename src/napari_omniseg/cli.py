@@ -62,6 +62,9 @@ def _fmt(x, nd=3):
 def _info_args(p):
     p.add_argument("--checkpoint", "-c", help="checkpoint (.safetensors); default: the active model")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--device", default="auto", help="the device to describe: auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--threads", type=int, default=0, help="CPU threads a run would be given (0 = default)")
 
 
 @command("info")
@@ -70,8 +73,15 @@ def cmd_info(a: argparse.Namespace) -> int:
     """Show the tissues, their magnifications and the model's size and provenance."""
     from .model import count_parameters, load_checkpoint, resolve_checkpoint
 
+    from .inference.engine import pick_device
+    from .inference.precision import describe
+
     path = resolve_checkpoint(a.checkpoint)
     ck = load_checkpoint(path)
+    try:
+        runtime = describe(pick_device(a.device), a.precision, a.threads)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     info = {
         "checkpoint": str(path),
         "version": ck.version,
@@ -83,6 +93,7 @@ def cmd_info(a: argparse.Namespace) -> int:
         ],
         "metrics": ck.metrics,
         "provenance": ck.provenance,
+        "runtime": runtime,
     }
     if a.json:
         print(json.dumps(info, indent=2))
@@ -90,6 +101,11 @@ def cmd_info(a: argparse.Namespace) -> int:
     print(f"checkpoint   {info['checkpoint']}")
     print(f"version      {info['version']}")
     print(f"parameters   {info['n_parameters']:,}")
+    rt = f"{runtime['device']}, {runtime['precision']}"
+    if "threads" in runtime:
+        rt += (f", {runtime['threads']} threads of {runtime['cpu_cores']} cores, AMX/AVX-512 bf16 "
+               f"{'present' if runtime['cpu_fast_bf16'] else 'absent'}")
+    print(f"runs on      {rt}")
     print("tissues:")
     for t in info["tissues"]:
         print(f"  {t['id']}  {t['name']:<24} {t['magnification']:>3}x  {t['mpp']:.2f} um/px  {t['color']}")

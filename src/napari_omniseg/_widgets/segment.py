@@ -86,6 +86,9 @@ class SegmentWidget(OmnisegWidget):
         self._draw = PushButton(text="Draw a rectangle")
         self._ckpt = ComboBox(label="Model", choices=self._checkpoint_choices)
         self._device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        self._precision = ComboBox(label="Precision", choices=["auto", "fp32", "bf16", "fp16"], value="auto",
+                                   tooltip="auto: bf16 on GPUs and on CPUs with AMX/AVX-512 bf16, fp32 elsewhere; "
+                                           "fp16 only on CUDA")
         self._block = ComboBox(label="Block (px)", choices=[128, 256, 512], value=256,
                                tooltip="Output block side in model pixels; smaller blocks give more frequent progress")
         self._threads = SpinBox(label="CPU threads", value=background_threads(), min=1, max=256,
@@ -97,7 +100,7 @@ class SegmentWidget(OmnisegWidget):
         self._run = PushButton(text="Segment")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self.extend([self._image, self._mpp, self._tissues, self._scope, self._shapes, self._draw, self._ckpt,
-                     self._device, self._block, self._threads, self._map, self._project,
+                     self._device, self._precision, self._block, self._threads, self._map, self._project,
                      Container(widgets=[self._run, self._cancel], layout="horizontal", labels=False), self.status])
         self._run.changed.connect(lambda: self.run())
         self._cancel.changed.connect(self.cancel)
@@ -150,8 +153,8 @@ class SegmentWidget(OmnisegWidget):
         if self.engine_config is not None:
             return self.engine_config
         core = int(self._block.value)
-        return EngineConfig(core=core, margin=max(8, core // 8), batch_size=4, device=device,
-                            skip_background=_has_tissue_mask(), threads=int(self._threads.value))
+        return EngineConfig(core=core, margin=max(8, core // 8), device=device,
+                            precision=str(self._precision.value), skip_background=_has_tissue_mask(), threads=int(self._threads.value))
 
     # ------------------------------------------------------------------ image / project
     def source_for(self, layer):

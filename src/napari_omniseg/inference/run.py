@@ -33,7 +33,7 @@ def estimate(segmenter: Segmenter, source, tissues=None, region=None, sample_bat
         unreadable = 0
         batch = None
         if run:
-            bs = min(segmenter.cfg.batch_size, len(run))
+            bs = min(segmenter.batch_size, len(run))
             # tiles spread over the run; an unreadable one is skipped for the next (it is
             # the run's business to mark it unknown, not the estimate's to fail on it)
             picks, tried = [], 0
@@ -73,6 +73,15 @@ def segment_to_store(
 ) -> tuple[LabelStore, RunReport]:
     """Segment into ``out`` (created, or resumed if it holds the same job)."""
     ts = segmenter.tissues(tissues)
+    region = tuple(region) if region else None
+    store = create_store(segmenter, source, out, ts, region)
+    rep = segmenter.run(source, store, [t.name for t in ts], region, on_progress, should_stop)
+    finish_store(segmenter, source, store, ts, region, rep)
+    return store, rep
+
+
+def create_store(segmenter: Segmenter, source, out, ts, region=None) -> LabelStore:
+    """The label store of this job: created, or reopened to resume when it holds the same."""
     attrs = {
         "source": str(getattr(source, "path", "")),
         "model_version": segmenter.ckpt.version,
@@ -82,18 +91,21 @@ def segment_to_store(
         "tissue_colors": {t.name: t.color for t in ts},
         "engine": asdict(segmenter.cfg),
     }
-    store = LabelStore.create(out, ts, tuple(source.shapes[0]), float(source.mpp), segmenter.cfg.core, attrs)
-    rep = segmenter.run(source, store, [t.name for t in ts], tuple(region) if region else None, on_progress, should_stop)
+    return LabelStore.create(out, ts, tuple(source.shapes[0]), float(source.mpp), segmenter.cfg.core, attrs)
+
+
+def finish_store(segmenter: Segmenter, source, store: LabelStore, ts, region, rep: RunReport) -> None:
+    """Coarser levels, the complete map and the run's record; the store is then complete."""
     info = {"tiles_run": rep.tiles_run, "tiles_skipped": rep.tiles_skipped, "tiles_failed": len(rep.tiles_failed),
-            "failed": [list(f) for f in rep.tiles_failed], "seconds": round(rep.seconds, 2)}
+            "failed": [list(f) for f in rep.tiles_failed], "seconds": round(rep.seconds, 2),
+            "precision": segmenter.precision, "batch_size": segmenter.batch_size}
     if segmenter.cfg.skip_background:
-        m, m_mpp = segmenter.tissue_mask(source, tuple(region) if region else None)
+        m, m_mpp = segmenter.tissue_mask(source, region)
         area = float(m.sum()) * (m_mpp / 1000.0) ** 2
         if area > 0:  # no tissue found: densities fall back to the slide area
             info["tissue_area_mm2"] = area
-    store.finalize(ts, run_info=info, box=tuple(region) if region else None)
+    store.finalize(ts, run_info=info, box=region)
     om = store.meta
     if "tissue_area_mm2" in info:
         om["tissue_area_mm2"] = info["tissue_area_mm2"]
         store.root.attrs["omniseg"] = om
-    return store, rep

@@ -36,6 +36,7 @@ from .data import Sample, load_arrays
 from .losses import dice_bce_loss, partial_label_loss, ring_weight
 from .relations import build_targets
 from .metrics import segmentation_scores, summarize
+from ..inference.precision import cpu_has_fast_bf16  # noqa: F401 - also re-exported here
 
 ProgressFn = Callable[[dict], None]
 StopFn = Callable[[], bool]
@@ -171,19 +172,6 @@ def _make_optimizer(model, cfg: TrainConfig):
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (use 'sgd' or 'adamw')")
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AVX-512 bf16 or AMX on this CPU (bf16 autocast is slower than fp32 without them)."""
-    cpu = getattr(torch, "cpu", None)
-    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        f = getattr(cpu, name, None)
-        try:
-            if f is not None and f():
-                return True
-        except Exception:  # noqa: BLE001 - a missing probe means no
-            pass
-    return False
 
 
 def autocast_for(dev: torch.device, enabled: bool = True):
