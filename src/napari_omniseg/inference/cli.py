@@ -17,12 +17,17 @@ def _segment_args(p: argparse.ArgumentParser):
     p.add_argument("--region", nargs=4, type=int, metavar=("X", "Y", "W", "H"), help="level-0 region instead of the whole slide")
     p.add_argument("--checkpoint", "-c", help="checkpoint (.safetensors); default: the active model")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=0, help="tiles per model call (0 = auto: 1 on CPU, 16 on CUDA)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on GPUs and on CPUs with AMX/AVX-512 bf16, fp32 elsewhere (fp16: CUDA only)")
     p.add_argument("--tile", type=int, default=512, help="output block side in pixels (multiple of 16; default 512)")
     p.add_argument("--margin", type=int, default=32, help="context on each side of a block, blended with neighbours (default 32)")
     p.add_argument("--mpp", type=float, help="microns per pixel at level 0 (overrides the file; required when the file has none)")
     p.add_argument("--no-skip-background", action="store_true", help="run every tile, even where the tissue mask finds none")
     p.add_argument("--scheduler", help="dask.distributed scheduler address: run the slides on that cluster")
+    p.add_argument("--parts", type=int, default=0,
+                   help="with --scheduler: split each slide into this many bands of blocks run as separate tasks "
+                        "(0 = auto: one slide is split over all worker threads, several slides run one task each)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask before long runs")
     p.add_argument("--quiet", "-q", action="store_true")
@@ -34,6 +39,7 @@ def engine_config(a) -> "EngineConfig":
     if a.tile % 16 or (a.tile + 2 * a.margin) % 16:
         raise SystemExit("error: --tile and --tile + 2 * --margin must be multiples of 16")
     return EngineConfig(core=a.tile, margin=a.margin, batch_size=a.batch_size, device=a.device,
+                        precision=a.precision,
                         skip_background=not a.no_skip_background, threads=a.threads)
 
 
@@ -105,6 +111,16 @@ def cmd_segment(a: argparse.Namespace) -> int:
         from distributed import Client
 
         with Client(a.scheduler) as client:
+            parts = a.parts or (max(1, sum(client.nthreads().values())) if len(a.slides) == 1 else 1)
+            if parts > 1:  # the blocks of each slide spread over the cluster
+                from .distributed import segment_on_cluster
+
+                for s, o in zip(a.slides, outs):
+                    r = segment_on_cluster(client, s, str(o), a.checkpoint, a.tissues, a.region, asdict(cfg), a.mpp,
+                                           parts=parts)
+                    r.pop("reports", None)
+                    print(json.dumps(r))
+                return 0
             futs = [client.submit(segment_one, s, str(o), a.checkpoint, a.tissues, a.region, asdict(cfg), a.mpp,
                                   pure=False, key=f"omniseg-{Path(o).name}")  # one task per output
                     for s, o in zip(a.slides, outs)]

@@ -14,7 +14,11 @@ Each label image has ``image-label`` metadata (colours, names) and coordinate
 transformations in micrometres, so napari and other NGFF readers place all tissues
 over each other.  Level 0 is written block by block as blocks finish; which blocks
 are done is recorded in ``progress.json`` (replaced atomically after each block's
-data is written), so a killed run leaves a valid store and rerunning resumes.
+data is written), so a killed run leaves a valid store and rerunning resumes.  When
+one slide is spread over a cluster, each part of it records its own blocks in
+``progress-<part>.json`` (no two processes write one file) and every part resumes
+from the union of all of them; a level-0 chunk is one block, so parts never write the
+same chunk.
 Coarser levels and the complete map are built at the end.
 """
 
@@ -71,8 +75,9 @@ log = logging.getLogger("napari_omniseg")
 class LabelStore:
     """Create, fill, resume and read a label store."""
 
-    def __init__(self, path: "str | Path", mode: str = "r"):
+    def __init__(self, path: "str | Path", mode: str = "r", part: "str | None" = None):
         self.path = Path(path)
+        self.part = part
         if mode == "r" and not self.path.exists():
             raise FileNotFoundError(f"{self.path}: no such label store")
         try:
@@ -84,17 +89,23 @@ class LabelStore:
         if mode != "w" and (self.path / "zarr.json").exists() and not isinstance(self.root.attrs.get("omniseg", {}), dict):
             raise StoreError(f"{self.path}: its zarr.json 'omniseg' attributes are not an object")
         self._lock = threading.Lock()
-        self._progress_file = self.path / "progress.json"
-        self._done: dict[str, set] = {}
-        if self._progress_file.exists():
+        self._progress_file = self.path / (f"progress-{part}.json" if part is not None else "progress.json")
+        self._done: dict[str, set] = {}  #: blocks done by any part: what a run skips
+        self._mine: dict[str, set] = {}  #: blocks this part recorded: what it writes to its file
+        files = sorted(self.path.glob("progress*.json")) if self.path.exists() else []
+        for f in files:
             try:
-                raw = json.loads(self._progress_file.read_text())
-                self._done = {str(k): {(int(b[0]), int(b[1])) for b in v} for k, v in raw.get("done", {}).items()}
-            except (ValueError, TypeError, AttributeError, IndexError, KeyError, UnicodeDecodeError) as e:
-                # the record of finished blocks is only a shortcut: without it every block is
-                # recomputed, which gives the same output
-                log.warning("%s is unreadable (%s); every block will be recomputed", self._progress_file, e)
-                self._done = {}
+                raw = json.loads(f.read_text())
+                got = {str(k): {(int(b[0]), int(b[1])) for b in v} for k, v in raw.get("done", {}).items()}
+            except (ValueError, TypeError, AttributeError, IndexError, KeyError, UnicodeDecodeError, OSError) as e:
+                # the record of finished blocks is only a shortcut: without it those blocks
+                # are recomputed, which gives the same output
+                log.warning("%s is unreadable (%s); its blocks will be recomputed", f, e)
+                continue
+            for k, v in got.items():
+                self._done.setdefault(k, set()).update(v)
+                if f == self._progress_file or part is None:
+                    self._mine.setdefault(k, set()).update(v)
 
     # ------------------------------------------------------------------ create
     @classmethod
@@ -203,26 +214,40 @@ class LabelStore:
                 arr[y0:y1, x0:x1] = labels[t.name]
             for t in plan.tissues:  # recorded only after the data is written
                 self._done.setdefault(t.name, set()).add((bi, bj))
-            body = {"done": {k: sorted(v) for k, v in self._done.items()}}
+                self._mine.setdefault(t.name, set()).add((bi, bj))
+            body = {"done": {k: sorted(v) for k, v in self._mine.items()}}
             atomic_write_bytes(self._progress_file, json.dumps(body).encode())
 
-    def write_scores(self, plan, bi, bj, scores: dict) -> None:
-        """Store one block's review scores (see :mod:`napari_omniseg.labels.review`); called
-        by the engine before :meth:`write_block`, so a block recorded done has its scores."""
+    def prepare_scores(self, plans) -> None:
+        """Create the review-score arrays of these plans' tissues (before parts of one slide
+        run in several processes, which must not race to create them). One chunk holds
+        one row of blocks, so parts that own whole rows never write the same chunk."""
         from .review import FIELDS, GROUP
 
         with self._lock:
             grp = self.root.require_group(GROUP)
-            for t in plan.tissues:
-                if t.name not in scores:
-                    continue
-                if t.name not in grp:
+            for plan in plans:
+                for t in plan.tissues:
+                    if t.name in grp:
+                        continue
                     nby, nbx = plan.n_blocks
-                    arr = grp.create_array(t.name, shape=(nby, nbx, len(FIELDS)), chunks=(64, 64, len(FIELDS)),
+                    arr = grp.create_array(t.name, shape=(nby, nbx, len(FIELDS)), chunks=(1, nbx, len(FIELDS)),
                                            dtype="float32", fill_value=float("nan"))
                     arr.attrs.update({"core": int(plan.core), "factor": float(plan.factor), "mpp": float(plan.mpp),
                                       "fields": list(FIELDS)})
-                grp[t.name][bi, bj, :] = np.asarray(scores[t.name], np.float32)
+
+    def write_scores(self, plan, bi, bj, scores: dict) -> None:
+        """Store one block's review scores (see :mod:`napari_omniseg.labels.review`); called
+        by the engine before :meth:`write_block`, so a block recorded done has its scores."""
+        from .review import GROUP
+
+        if GROUP not in self.root or any(t.name not in self.root[GROUP] for t in plan.tissues if t.name in scores):
+            self.prepare_scores([plan])
+        with self._lock:
+            grp = self.root[GROUP]
+            for t in plan.tissues:
+                if t.name in scores:
+                    grp[t.name][bi, bj, :] = np.asarray(scores[t.name], np.float32)
 
     def finalize(self, tissues: Sequence[Tissue], run_info: dict | None = None, map_mpp: float | None = None,
                  box: "tuple[int, int, int, int] | None" = None) -> None:
