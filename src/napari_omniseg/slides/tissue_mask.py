@@ -15,7 +15,8 @@ a pixel *tissue* when
   catches weakly saturated stains such as silver;
 
 pure black (padding, scanner borders) and white or near-white glass are never
-tissue.  Connected pieces smaller than ``min_object_um2`` are removed and holes
+tissue.  Connected pieces smaller than ``min_object_um2`` (and than 0.2 % of the
+image, so a small field of view keeps its tissue) are removed and holes
 smaller than ``max_hole_um2`` (lumens, vessels) are filled.
 """
 
@@ -88,7 +89,10 @@ def tissue_mask_from_rgb(
     d_thr = min(max(_otsu(gray[~black]) if some else 0.0, min_dark_threshold), max_dark_threshold)
     mask = valid & ((sat > s_thr) | (gray < d_thr))
     px_area = float(mpp) ** 2
-    mask = _remove_small(mask, min_object_um2 / px_area)
+    # on a small image (a field of view, a 40x crop: the mask is then a few dozen pixels
+    # across) a whole patch of tissue can be smaller than min_object_um2; never remove a
+    # piece bigger than 0.2 % of the image
+    mask = _remove_small(mask, min(min_object_um2 / px_area, 0.002 * mask.size))
     mask = _fill_small_holes(mask, max_hole_um2 / px_area)
     return mask
 
