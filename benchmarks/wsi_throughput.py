@@ -61,15 +61,19 @@ def _at_level(p: np.ndarray, k: int) -> np.ndarray:
     return p.reshape(256 // r, r, 256 // r, r, 3).mean(axis=(1, 3)).round().astype(np.uint8)
 
 
-def build_slide(path: Path, size: int, patches, tile: int = 512, levels: int = 5) -> Path:
-    """Write a size x size 40x pyramid (JPEG tiles) without holding it in memory."""
+def build_slide(path: Path, size: int, patches, tile: int = 512, levels: int = 5, cell=None,
+                background=(255, 255, 255)) -> Path:
+    """Write a size x size 40x pyramid (JPEG tiles) without holding it in memory.
+
+    ``cell(patches, ci, cj)`` says which patch fills a cell (None: background, drawn in
+    the ``background`` colour); the default leaves one cell in five white."""
     if path.exists():
         return path
     n = size // CELL
     cache: dict = {}
 
     def cell_pixels(ci, cj, k):
-        p = _cell(patches, ci, cj)
+        p = (cell or _cell)(patches, ci, cj)
         if p is None:
             return None
         key = (id(p), k)
@@ -82,7 +86,8 @@ def build_slide(path: Path, size: int, patches, tile: int = 512, levels: int = 5
         H = W = size // 2**k
         for y in range(0, H, tile):
             for x in range(0, W, tile):
-                out = np.full((tile, tile, 3), 255, np.uint8)
+                out = np.empty((tile, tile, 3), np.uint8)
+                out[:] = background
                 for ci in range(y // cell, min(n, -(-(y + tile) // cell))):
                     for cj in range(x // cell, min(n, -(-(x + tile) // cell))):
                         c = cell_pixels(ci, cj, k)
