@@ -82,6 +82,9 @@ def _outputs(slides, out) -> list[Path]:
 def segment_one(slide: str, out: str, checkpoint: str | None, tissues, region, cfg_dict: dict, mpp: float | None,
                 on_progress=None) -> dict:
     """Segment one slide into ``out``; importable by dask workers."""
+    from .distributed import _relax_malloc_trim
+
+    _relax_malloc_trim()  # a no-op cost locally; on a dask worker it undoes the nanny's trim setting
     from ..model import load_checkpoint, resolve_checkpoint
     from ..slides import open_slide
     from .engine import EngineConfig, Segmenter
