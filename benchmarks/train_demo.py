@@ -60,6 +60,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-relations", action="store_true", help="lever off: only the labelled tissue is supervised")
     p.add_argument("--no-object-crop", action="store_true", help="lever off: uniform random crops")
     p.add_argument("--no-balance", action="store_true", help="lever off: one pass over every sample per epoch")
+    p.add_argument("--balance", action="store_true",
+                   help="lever on with --reference-recipe: tissue-balanced steps (every tissue the same number of batches)")
+    p.add_argument("--strong-color", action="store_true",
+                   help="lever on with --reference-recipe: the stain-robust colour augmentation")
     p.add_argument("--uniform-init", action="store_true", help="lever off: reference controller init and raw pooled vector")
     p.add_argument("--mild-color", action="store_true", help="lever off: the reference's mild colour augmentation")
     p.add_argument("--stains", help="train only on these stains (comma-separated), e.g. for leave-one-stain-out")
@@ -91,11 +95,11 @@ def main(argv=None) -> int:
     va = load_arrays(stains(select(samples, a.val_split), a.stains)) if a.val_split != "none" else []
     te = load_arrays(stains(select(samples, "test"), a.test_stains))
     ref = a.reference_recipe
-    aug = AugmentConfig() if (ref or a.mild_color) else strong_augment()
+    aug = AugmentConfig() if ((ref and not a.strong_color) or a.mild_color) else strong_augment()
     cfg = TrainConfig(epochs=a.epochs, crop=a.crop, batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr,
                       seed=a.seed, device=a.device, threads=a.threads, val_every=a.val_every, aug=aug,
                       relations=not (ref or a.no_relations), object_crop=0.0 if (ref or a.no_object_crop) else 0.7,
-                      balanced=not (ref or a.no_balance),
+                      balanced=a.balance or not (ref or a.no_balance),
                       controller_lr_mult=1.0 if (ref or a.uniform_init) else 0.1)
     init = None
     if a.init:
