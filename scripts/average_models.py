@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from napari_omniseg.model import load_checkpoint, save_checkpoint
+from napari_omniseg.model import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def main(argv=None) -> int:
@@ -36,8 +36,11 @@ def main(argv=None) -> int:
     model.load_state_dict(avg)
     prov = dict(cks[0].provenance, averaged_from=[{"sha256": c.sha256, "version": c.version, "weight": wi}
                                                    for c, wi in zip(cks, w)])
-    save_checkpoint(model, a.out, cks[0].tissues, normalization=cks[0].normalization, provenance=prov,
-                    thresholds=dict(cks[0].thresholds))
+    try:
+        save_checkpoint(model, a.out, cks[0].tissues, normalization=cks[0].normalization, provenance=prov,
+                        thresholds=dict(cks[0].thresholds))
+    except (FileExistsError, CheckpointError) as e:
+        p.error(str(e))
     print(f"wrote {a.out}: average of {len(cks)} checkpoints, weights {w}")
     return 0
 
