@@ -64,6 +64,12 @@ def main(argv=None) -> int:
                    help="lever on with --reference-recipe: tissue-balanced steps (every tissue the same number of batches)")
     p.add_argument("--strong-color", action="store_true",
                    help="lever on with --reference-recipe: the stain-robust colour augmentation")
+    p.add_argument("--zoom", type=float, default=0.0, metavar="P",
+                   help="lever on: isotropic zoom 0.45-1.3 (log-uniform) with probability P, so small (e.g. mouse) "
+                        "and large structures are seen at one magnification")
+    p.add_argument("--negatives", type=int, default=0, metavar="K",
+                   help="lever on: K extra batches per head and epoch of patches labelled for a tissue the head "
+                        "excludes, resampled to its magnification (training/negatives.py)")
     p.add_argument("--uniform-init", action="store_true", help="lever off: reference controller init and raw pooled vector")
     p.add_argument("--mild-color", action="store_true", help="lever off: the reference's mild colour augmentation")
     p.add_argument("--stains", help="train only on these stains (comma-separated), e.g. for leave-one-stain-out")
@@ -96,11 +102,13 @@ def main(argv=None) -> int:
     te = load_arrays(stains(select(samples, "test"), a.test_stains))
     ref = a.reference_recipe
     aug = AugmentConfig() if ((ref and not a.strong_color) or a.mild_color) else strong_augment()
+    aug.p_zoom = a.zoom
     cfg = TrainConfig(epochs=a.epochs, crop=a.crop, batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr,
                       seed=a.seed, device=a.device, threads=a.threads, val_every=a.val_every, aug=aug,
                       relations=not (ref or a.no_relations), object_crop=0.0 if (ref or a.no_object_crop) else 0.7,
                       balanced=a.balance or not (ref or a.no_balance),
-                      controller_lr_mult=1.0 if (ref or a.uniform_init) else 0.1)
+                      controller_lr_mult=1.0 if (ref or a.uniform_init) else 0.1,
+                      cross_scale_negatives=a.negatives)
     init = None
     if a.init:
         from napari_omniseg.model.checkpoint import load_checkpoint

@@ -131,6 +131,28 @@ def test_augment_is_seeded_and_keeps_mask_aligned():
     assert c.shape == (32, 32, 3) and cm.shape == (32, 32)
 
 
+def test_zoom_shrinks_and_grows_the_object_with_its_mask_and_is_off_by_default():
+    from napari_omniseg.training.augment import AugmentConfig, _zoom
+
+    img = np.zeros((128, 128, 3), np.float32)
+    img[44:84, 44:84] = 1.0  # a 40 px bright square in the middle
+    msk = img[..., 0] > 0.5
+    for z, side in [(0.5, 20), (1.25, 50)]:
+        a, m = _zoom(img, msk, z)
+        ys, xs = np.nonzero(m[32:96, 32:96])  # the centre copy (the border is mirrored)
+        assert abs((ys.max() - ys.min() + 1) - side) <= 2 and abs((xs.max() - xs.min() + 1) - side) <= 2
+        assert a[..., 0][m].mean() > 0.9 and a[..., 0][~m].mean() < 0.1  # image and mask moved together
+    # p_zoom = 0 (the default) draws nothing more: the seeded stream is the one it was
+    rng = np.random.default_rng
+    a1, m1 = augment(img, msk, rng(3))
+    a2, m2 = augment(img, msk, rng(3), AugmentConfig(p_zoom=0.0, zoom=(0.1, 0.2)))
+    assert np.array_equal(a1, a2) and np.array_equal(m1, m2)
+    # p_zoom = 1 with a fixed factor shrinks every object by about that much in area
+    areas = [augment(img, msk, rng(s), AugmentConfig(p_geometric=0, p_zoom=1.0, zoom=(0.5, 0.5)))[1][32:96, 32:96].sum()
+             for s in range(4)]
+    assert all(abs(x - 400) < 80 for x in areas), areas
+
+
 def test_two_processes_appending_to_one_manifest_keep_every_row(tmp_path):
     """Real concurrent processes: 2 x 100 appends, none lost."""
     import subprocess

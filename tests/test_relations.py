@@ -208,3 +208,60 @@ def test_a_bad_pixel_size_is_named(tmp_path):
     (tmp_path / "index.csv").write_text("image_path,label_path,tissue,um_per_px\nt.png,t_mask.png,glomerular_unit,-1\n")
     with pytest.raises(DataError, match="um_per_px"):
         load_arrays(load_dataset(tmp_path / "index.csv"))
+
+
+# ------------------------------------------------------------- negatives across magnifications
+def test_a_10x_artery_is_a_half_size_negative_for_the_5x_heads_and_nothing_for_40x():
+    from napari_omniseg.training.negatives import cross_scale_negatives
+
+    m = disk(n=256, r=40, cy=128, cx=128)
+    negs = cross_scale_negatives([sample(ART, m)], TISSUES)
+    assert sorted(n.tissue.name for n in negs) == ["glomerular_tuft", "glomerular_unit"]
+    for n in negs:  # 10x -> 5x: half the side; the artery (radius 20 px now) is background, the rest unknown
+        assert n.image.shape == (128, 128, 3) and n.target.shape == (128, 128)
+        assert n.target[64, 64] == 0 and n.target[0, 0] == UNKNOWN
+        assert abs(int((n.target == 0).sum()) - np.pi * 20 ** 2) < 60
+        assert set(np.unique(n.target)) == {0, UNKNOWN}
+
+
+def test_a_5x_glomerulus_is_a_double_size_negative_for_the_10x_heads_it_excludes():
+    from napari_omniseg.training.negatives import cross_scale_negatives, summary
+
+    m = disk(n=128, r=20, cy=64, cx=64)
+    negs = cross_scale_negatives([sample(UNIT, m), sample(TUFT, m, seed=1)], TISSUES)
+    # the unit excludes the tubules and the artery (10x); the 40x capillary is 8x away: none
+    assert summary(negs) == {"distal_tubule": {"glomerular_unit": 1, "glomerular_tuft": 1},
+                             "proximal_tubule": {"glomerular_unit": 1, "glomerular_tuft": 1},
+                             "artery": {"glomerular_unit": 1, "glomerular_tuft": 1}}
+    assert all(n.image.shape[:2] == (256, 256) and n.target[128, 128] == 0 for n in negs)
+    # an empty mask gives nothing; a new tissue's exclusion is followed without code changes
+    assert cross_scale_negatives([sample(UNIT, np.zeros((128, 128), bool))], TISSUES) == []
+    fib = Tissue(6, "fibrosis", "fib", "Fibrosis", 10, "#888888", excludes=("glomerular_unit",))
+    got = cross_scale_negatives([sample(UNIT, m)], TISSUES + (fib,))
+    assert "fibrosis" in {n.tissue.name for n in got}
+
+
+def test_negative_batches_give_each_head_its_batches():
+    from napari_omniseg.training.negatives import cross_scale_negatives, negative_batches
+
+    m = disk(n=128, r=20, cy=64, cx=64)
+    negs = cross_scale_negatives([sample(UNIT, m, seed=k) for k in range(3)], TISSUES)
+    b = negative_batches(negs, 2, 2, np.random.default_rng(0))
+    assert len(b) == 3 * 2 and all(len(x) == 2 for x in b)
+    assert all(len({negs[i].tissue.id for i in x}) == 1 for x in b)
+
+
+def test_a_checkpoint_without_relations_trains_with_the_registry_ones():
+    """The shipped model's stored tissues have no ``excludes``: training adds the
+    registry's, so the tuft head gets its negatives from a 10x artery too."""
+    from napari_omniseg.model import load_checkpoint, resolve_checkpoint
+    from napari_omniseg.tissues import with_registry_relations
+    from napari_omniseg.training.negatives import cross_scale_negatives
+
+    stored = load_checkpoint(resolve_checkpoint(None)).tissues
+    merged = with_registry_relations(stored)
+    assert [t.name for t in merged] == [t.name for t in stored]
+    m = disk(n=256, r=40, cy=128, cx=128)
+    assert {n.tissue.name for n in cross_scale_negatives([sample(ART, m)], merged)} == {"glomerular_unit", "glomerular_tuft"}
+    mes = Tissue(6, "mesangium", "mes", "Mesangium", 5, "#00ff00", inside="glomerular_tuft")
+    assert with_registry_relations((mes,)) == (mes,)  # unknown to the registry: unchanged

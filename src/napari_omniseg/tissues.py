@@ -12,7 +12,7 @@ scale one-hot code: 0 = 5x, 1 = 10x, 2 = 20x, 3 = 40x.  Pixel sizes are nominal
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Iterable, Sequence
 
 #: magnification (x) -> nominal microns per pixel
@@ -143,6 +143,23 @@ def resolve_tissues(keys: "Iterable[str | int | Tissue] | None", tissues: Sequen
 def exclusive(a: Tissue, b: Tissue) -> bool:
     """True when the registry says ``a`` and ``b`` never share a pixel (either side may say it)."""
     return a.name != b.name and (b.name in a.excludes or a.name in b.excludes)
+
+
+def with_registry_relations(tissues: Sequence[Tissue], registry: Sequence[Tissue] = TISSUES) -> tuple[Tissue, ...]:
+    """``tissues`` with the registry's relations added to those of the same name.
+
+    A checkpoint stores its tissue definitions; one written before a relation was in
+    the registry lacks it (the shipped model's tissues have no ``excludes``). The
+    relations are anatomy, not a property of one model, so training takes the union
+    of both: a tissue the registry does not know keeps exactly its own."""
+    by_name = {t.name: t for t in registry}
+    out = []
+    for t in tissues:
+        r = by_name.get(t.name)
+        if r is not None:
+            t = replace(t, excludes=tuple(dict.fromkeys(t.excludes + r.excludes)), inside=t.inside or r.inside)
+        out.append(t)
+    return tuple(out)
 
 
 def contains(outer: Tissue, inner: Tissue) -> bool:

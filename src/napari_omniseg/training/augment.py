@@ -5,6 +5,10 @@ Each group is applied with its own probability (0.5 by default, as in Omni-Seg):
 - geometric: random 90-degree turns and flips (always, lossless), then an affine
   warp with rotation (+-180 deg), shear (+-16 deg), per-axis scale (0.75-1.5) and
   translation (+-20 %); image bilinear, mask nearest, edges mirrored;
+- zoom (off by default): with its own probability, an isotropic scale drawn
+  log-uniformly from a range (e.g. 0.45-1.3), so a tissue is also seen smaller or
+  larger than at its training magnification (a mouse glomerulus is about half the
+  diameter of a human one at the same um/px);
 - colour: stain jitter in haematoxylin-eosin-DAB space (per-stain scale and shift),
   gamma and brightness;
 - noise: Gaussian blur (sigma <= 1) and additive Gaussian noise.
@@ -45,6 +49,9 @@ class AugmentConfig:
     #: coarse dropout: up to this many rectangles of up to 1/8 of the side filled with the mean colour
     p_dropout: float = 0.0
     dropout_holes: int = 4
+    #: isotropic zoom: probability and range (log-uniform); 0 = off, the reference's setting
+    p_zoom: float = 0.0
+    zoom: tuple[float, float] = (0.45, 1.3)
     gamma: tuple[float, float] = (0.6, 1.6)
     brightness: float = 0.1
     blur_sigma: float = 1.0
@@ -61,6 +68,8 @@ def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, cfg: 
         image, mask = image[:, ::-1], mask[:, ::-1]
     if rng.random() < cfg.p_geometric:
         image, mask = _affine(image, mask, rng, cfg)
+    if cfg.p_zoom > 0 and rng.random() < cfg.p_zoom:
+        image, mask = _zoom(image, mask, float(np.exp(rng.uniform(*np.log(cfg.zoom)))))
     if rng.random() < cfg.p_color:
         image = _color(image, rng, cfg)
     if rng.random() < cfg.p_noise:
@@ -85,6 +94,20 @@ def _affine(image, mask, rng, cfg):
     if mask.dtype == bool:
         msk = warp(mask.astype(np.float32), inv, order=0, mode="reflect", preserve_range=True) > 0.5
     else:  # label maps (e.g. int8 targets with -1 = unknown, one channel per tissue): nearest, exact values
+        msk = np.rint(warp(mask.astype(np.float32), inv, order=0, mode="reflect", preserve_range=True)).astype(mask.dtype)
+    return img, msk
+
+
+def _zoom(image, mask, z: float):
+    """Scale about the centre by ``z`` (< 1 shrinks the content; the border is mirrored)."""
+    h, w = mask.shape[:2]
+    tf = AffineTransform(translation=(-w / 2, -h / 2)) + AffineTransform(scale=(z, z)) + \
+        AffineTransform(translation=(w / 2, h / 2))
+    inv = tf.inverse
+    img = warp(image, inv, order=1, mode="reflect", preserve_range=True).astype(np.float32)
+    if mask.dtype == bool:
+        msk = warp(mask.astype(np.float32), inv, order=0, mode="reflect", preserve_range=True) > 0.5
+    else:
         msk = np.rint(warp(mask.astype(np.float32), inv, order=0, mode="reflect", preserve_range=True)).astype(mask.dtype)
     return img, msk
 

@@ -30,10 +30,12 @@ import torch
 
 from ..model.checkpoint import Checkpoint, all_finite, atomic_write_bytes, new_checkpoint, save_checkpoint
 from ..model.network import foreground
-from ..tissues import TISSUES, Tissue
+from ..tissues import TISSUES, Tissue, exclusive, with_registry_relations
 from .augment import AugmentConfig, augment, object_crop, random_crop
 from .data import Sample, load_arrays
 from .losses import dice_bce_loss, partial_label_loss, ring_weight
+from .negatives import MAX_FACTOR, MIN_FACTOR, cross_scale_negatives, negative_batches
+from .negatives import summary as negatives_summary
 from .relations import build_targets
 from .metrics import segmentation_scores, summarize
 from ..inference.precision import cpu_has_fast_bf16  # noqa: F401 - also re-exported here
@@ -87,6 +89,12 @@ class TrainConfig:
     #: bf16 autocast where it is fast: CUDA with bf16, or a CPU with AVX-512 bf16 / AMX
     #: (checked at run time); fp32 everywhere else
     amp: bool = True
+    #: negatives across magnifications (training/negatives.py): this many extra batches
+    #: per head and epoch of patches labelled for a tissue the head excludes, resampled
+    #: to the head's magnification (their structure is background); 0 = off
+    cross_scale_negatives: int = 0
+    #: weight of those batches' loss
+    negative_weight: float = 1.0
     #: after training, choose each tissue's decision threshold on the training and
     #: validation patches (training/calibrate.py); False keeps the parent's (or 0.5)
     calibrate: bool = True
@@ -213,9 +221,31 @@ def steps_per_epoch(samples: Sequence[Sample], cfg: TrainConfig) -> int:
         counts[s.tissue.id] = counts.get(s.tissue.id, 0) + 1
     if not counts:
         return 0
+    n_neg = 0
+    if cfg.cross_scale_negatives:
+        heads = {t.name for s in samples for t in TISSUES if t.magnification != s.tissue.magnification
+                 and MIN_FACTOR <= t.magnification / s.tissue.magnification <= MAX_FACTOR and exclusive(s.tissue, t)}
+        n_neg = len(heads) * cfg.cross_scale_negatives
     if cfg.balanced:
-        return len(counts) * max(1, math.ceil(float(np.median(list(counts.values()))) / cfg.batch_size))
-    return sum(-(-n // cfg.batch_size) for n in counts.values())
+        return n_neg + len(counts) * max(1, math.ceil(float(np.median(list(counts.values()))) / cfg.batch_size))
+    return n_neg + sum(-(-n // cfg.batch_size) for n in counts.values())
+
+
+def _negative_batch(negs, idx, cfg: TrainConfig, rng):
+    """Images and targets (N x 1 x H x W: 0 on the excluded structure, -1 elsewhere) of
+    one batch of cross-magnification negatives, cropped to a common size."""
+    side = min(cfg.crop, *(min(negs[i].target.shape) for i in idx))
+    imgs, ys = [], []
+    for i in idx:
+        n = negs[i]
+        # the crop always holds part of the excluded structure (its only known pixels)
+        img, lab = object_crop(n.image.astype(np.float32) / 255.0, n.target, side, rng, n.target == 0, 1.0)
+        if cfg.augment:
+            img, lab = augment(img, lab, rng, cfg.aug)
+        imgs.append(img)
+        ys.append(lab[None])
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+    return x, torch.from_numpy(np.ascontiguousarray(np.stack(ys)))
 
 
 def _target_batch(samples, targets, idx, cfg: TrainConfig, rng):
@@ -357,7 +387,11 @@ def train(
         raise TrainingError("no training samples")
 
     ckpt = init if init is not None else new_checkpoint(tissues, seed=cfg.seed)
-    targets = build_targets(train_samples, ckpt.tissues) if cfg.relations else None
+    # the anatomy relations: the checkpoint's tissues plus the registry's (an older
+    # checkpoint's tissue definitions may lack some)
+    rel_tissues = with_registry_relations(ckpt.tissues)
+    targets = build_targets(train_samples, rel_tissues) if cfg.relations else None
+    negs = cross_scale_negatives(train_samples, rel_tissues) if cfg.cross_scale_negatives else []
     model = ckpt.model.to(dev)
     _set_frozen(model, cfg.freeze_encoder)
     optim = _make_optimizer(model, cfg)
@@ -395,11 +429,22 @@ def train(
         for g in optim.param_groups:
             g["lr"] = lr_at(cfg, epoch) * g.get("lr_mult", 1.0)
         batches = (make_balanced_batches if cfg.balanced else make_batches)(train_samples, cfg.batch_size, rng)
+        if negs:  # interleave the negative batches (marked by a None first entry)
+            batches = batches + [[None, *b] for b in negative_batches(negs, cfg.batch_size, cfg.cross_scale_negatives, rng)]
+            batches = [batches[i] for i in rng.permutation(len(batches))]
         losses = []
         for step, idx in enumerate(batches):
             if stop():
                 raise TrainingCancelled(f"cancelled in epoch {epoch + 1}, step {step + 1}; no checkpoint written")
-            if cfg.relations:
+            if idx[0] is None:
+                x, y = _negative_batch(negs, idx[1:], cfg, rng)
+                if not bool((y >= 0).any()):  # nothing known in these crops (augmentation moved it out)
+                    continue
+                x, y = ckpt.normalize(x).to(dev), y.to(dev)
+                with autocast_for(dev, cfg.amp):
+                    logits = model.heads(model.features(x), [negs[idx[1]].tissue.id])
+                loss = cfg.negative_weight * partial_label_loss(logits, y, None, primary=0)
+            elif cfg.relations:
                 x, y, w, tids = _target_batch(train_samples, targets, idx, cfg, rng)
                 x = ckpt.normalize(x).to(dev)
                 y, w = y.to(dev), w.to(dev)
@@ -477,6 +522,7 @@ def train(
         "parent": ckpt.version if init is not None else None,
         "wall_time_s": round(history["wall_time_s"], 1),
         "nonfinite_steps": nonfinite,
+        **({"cross_scale_negatives": negatives_summary(negs)} if negs else {}),
         **(provenance or {}),
     }
     metrics = {"val_mean_dice": best_score} if val_samples else {}
