@@ -117,3 +117,17 @@ def test_one_line_error_never_a_traceback(files, case):
     assert r.returncode == 2, (r.returncode, err)
     last = err.splitlines()[-1]
     assert last.startswith("error: ") and names in last, err
+
+
+def test_train_with_negatives_from_the_command_line(demo_dir, tmp_path):
+    """`omniseg train --negatives 1` as a user runs it: one epoch on real patches, and
+    the checkpoint records which heads got negatives from which labelled tissue."""
+    out = tmp_path / "neg.safetensors"
+    r = _cli("train", "--data", demo_dir, "--epochs", "1", "--crop", "64", "--batch-size", "2", "--val-split", "none",
+             "--test-split", "none", "--negatives", "1", "--threads", "1", "--out", out, "-q")
+    assert r.returncode == 0, r.stderr[-2000:]
+    from napari_omniseg.model import load_checkpoint
+
+    got = load_checkpoint(out).provenance["cross_scale_negatives"]
+    assert set(got["glomerular_unit"]) >= {"artery", "distal_tubule", "proximal_tubule"}
+    assert set(got["distal_tubule"]) >= {"glomerular_unit"} and "peritubular_capillary" not in got

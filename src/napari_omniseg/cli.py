@@ -139,6 +139,9 @@ def _train_args(p):
                         "manifest with their own um/px (resampled to each tissue's magnification); repeatable")
     p.add_argument("--no-relations", action="store_true",
                    help="supervise only the labelled tissue (no anatomy-derived labels for the others)")
+    p.add_argument("--negatives", type=int, default=0, metavar="K",
+                   help="K extra batches per head and epoch of patches labelled for a tissue the head excludes, "
+                        "resampled to its magnification (e.g. arteries shown to the glomerulus head); default 0")
     p.add_argument("--state-dir", help="folder for a resumable training state (rerun the same command to resume)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = default)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -172,7 +175,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = TrainConfig(
         epochs=a.epochs, batch_size=a.batch_size, crop=a.crop, optimizer=a.optimizer, seed=a.seed,
         freeze_encoder=a.freeze_encoder, augment=not a.no_augment, threads=a.threads, device=a.device,
-        val_every=a.val_every, relations=not a.no_relations,
+        val_every=a.val_every, relations=not a.no_relations, cross_scale_negatives=a.negatives,
         aug=AugmentConfig() if a.mild_augment else strong_augment(),
     )
     if a.lr is not None:
