@@ -120,14 +120,19 @@ def test_one_line_error_never_a_traceback(files, case):
 
 
 def test_train_with_negatives_from_the_command_line(demo_dir, tmp_path):
-    """`omniseg train --negatives 1` as a user runs it: one epoch on real patches, and
-    the checkpoint records which heads got negatives from which labelled tissue."""
+    """`omniseg train --negatives 1 --zoom 0.5` as a user runs it: one epoch on real
+    patches, and the checkpoint records the zoom and which heads got negatives from
+    which labelled tissue; a zoom that is not a probability is refused."""
     out = tmp_path / "neg.safetensors"
     r = _cli("train", "--data", demo_dir, "--epochs", "1", "--crop", "64", "--batch-size", "2", "--val-split", "none",
-             "--test-split", "none", "--negatives", "1", "--threads", "1", "--out", out, "-q")
+             "--test-split", "none", "--negatives", "1", "--zoom", "0.5", "--threads", "1", "--out", out, "-q")
     assert r.returncode == 0, r.stderr[-2000:]
     from napari_omniseg.model import load_checkpoint
 
-    got = load_checkpoint(out).provenance["cross_scale_negatives"]
+    prov = load_checkpoint(out).provenance
+    assert prov["train_config"]["aug"]["p_zoom"] == 0.5 and prov["train_config"]["cross_scale_negatives"] == 1
+    got = prov["cross_scale_negatives"]
     assert set(got["glomerular_unit"]) >= {"artery", "distal_tubule", "proximal_tubule"}
     assert set(got["distal_tubule"]) >= {"glomerular_unit"} and "peritubular_capillary" not in got
+    bad = _cli("train", "--data", demo_dir, "--zoom", "2", "--out", tmp_path / "x.safetensors")
+    assert bad.returncode == 2 and "--zoom is a probability" in bad.stderr and not (tmp_path / "x.safetensors").exists()

@@ -142,6 +142,9 @@ def _train_args(p):
     p.add_argument("--negatives", type=int, default=0, metavar="K",
                    help="K extra batches per head and epoch of patches labelled for a tissue the head excludes, "
                         "resampled to its magnification (e.g. arteries shown to the glomerulus head); default 0")
+    p.add_argument("--zoom", type=float, default=0.0, metavar="P",
+                   help="with probability P, zoom each training image by 0.45-1.3 (log-uniform), so structures are also "
+                        "seen smaller or larger than at their magnification (e.g. mouse glomeruli); default 0")
     p.add_argument("--state-dir", help="folder for a resumable training state (rerun the same command to resume)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = default)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -163,6 +166,12 @@ def cmd_train(a: argparse.Namespace) -> int:
     from .training.loop import TrainConfig, TrainingCancelled, evaluate_samples, steps_per_epoch, train
     from .training.metrics import format_table
 
+    if not 0.0 <= a.zoom <= 1.0:
+        print(f"error: --zoom is a probability (0-1), got {a.zoom}", file=sys.stderr)
+        return 2
+    if a.negatives < 0:
+        print(f"error: --negatives is a number of batches (0 or more), got {a.negatives}", file=sys.stderr)
+        return 2
     samples = load_dataset(a.data, a.split_file)
     tr = load_arrays(select(samples, a.train_split))
     for extra in a.extra:
@@ -180,6 +189,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     )
     if a.lr is not None:
         cfg.lr = a.lr
+    cfg.aug.p_zoom = a.zoom
     init = load_checkpoint(a.init) if a.init else None
     n_steps = steps_per_epoch(tr, cfg) * a.epochs
     bar = _Bar(n_steps, "train", a.quiet)
