@@ -88,6 +88,9 @@ class Sink(Protocol):
 
     def write_block(self, plan: MagPlan, bi: int, bj: int, labels: dict[str, np.ndarray]) -> None: ...
 
+    # optional: write_scores(plan, bi, bj, scores), prepare_scores(plans), and flush(),
+    # called when a run ends (cancelled or not) to record what was written
+
 
 def pick_device(name: str | None = "auto") -> torch.device:
     if name in (None, "", "auto"):
@@ -303,10 +306,15 @@ class Segmenter:
             work.append((plan, blocks_, tiles))
             rep.tiles_total += len(tiles)
         n_done = 0
-        for plan, todo, tiles in work:
-            if not todo:
-                continue
-            n_done = self._run_plan(source, sink, plan, todo, tiles, mask, rep, n_done, on_progress, should_stop)
+        try:
+            for plan, todo, tiles in work:
+                if not todo:
+                    continue
+                n_done = self._run_plan(source, sink, plan, todo, tiles, mask, rep, n_done, on_progress, should_stop)
+        finally:  # cancelled or failed too: what was written is recorded, so a resumed run skips it
+            flush = getattr(sink, "flush", None)
+            if flush is not None:
+                flush()
         rep.seconds = time.perf_counter() - t_start
         return rep
 

@@ -50,7 +50,9 @@ def calibrated(p: np.ndarray, th: float) -> np.ndarray:
     """Map probabilities so that the decision threshold ``th`` lands on 0.5."""
     if th == 0.5:
         return p
-    return np.where(p < th, 0.5 * p / th, 0.5 + 0.5 * (p - th) / (1.0 - th))
+    p = np.asarray(p)
+    a, b = p.dtype.type(0.5 / th), p.dtype.type(0.5 / (1.0 - th))
+    return np.where(p < th, p * a, 0.5 + (p - th) * b).astype(p.dtype, copy=False)
 
 
 def block_scores(prob: np.ndarray, labels: dict[str, np.ndarray], tissues: Sequence[Tissue],
@@ -66,10 +68,13 @@ def block_scores(prob: np.ndarray, labels: dict[str, np.ndarray], tissues: Seque
         if n == 0:
             out[t.name] = np.full(len(FIELDS), np.nan, np.float32)
             continue
-        p = calibrated(prob[k][keep].astype(np.float64), float((thresholds or {}).get(t.name, 0.5)))
-        p = np.clip(p, 1e-6, 1 - 1e-6)
-        ent = float(np.mean(-(p * np.log2(p) + (1 - p) * np.log2(1 - p))))
-        unc = float(np.mean((p > 0.25) & (p < 0.75)))
+        # float32 throughout: the scores rank blocks, and this runs once per block and tissue
+        pk = prob[k] if n == keep.size else prob[k][keep]
+        p = calibrated(np.asarray(pk, np.float32), float((thresholds or {}).get(t.name, 0.5)))
+        p = np.clip(p, np.float32(1e-6), np.float32(1 - 1e-6))
+        q = 1 - p
+        ent = float(-(np.dot(p.ravel(), np.log2(p).ravel()) + np.dot(q.ravel(), np.log2(q).ravel())) / p.size)
+        unc = float(np.count_nonzero((p > 0.25) & (p < 0.75)) / p.size)
         mine = fg[t.name]
         n_fg = int(mine.sum())
         bad = np.zeros_like(mine)

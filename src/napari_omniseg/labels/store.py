@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import threading
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -90,6 +91,13 @@ class LabelStore:
             raise StoreError(f"{self.path}: its zarr.json 'omniseg' attributes are not an object")
         self._lock = threading.Lock()
         self._progress_file = self.path / (f"progress-{part}.json" if part is not None else "progress.json")
+        #: the record of finished blocks is rewritten at most this often (seconds), and when
+        #: a run ends: it lists every block, so rewriting it per block costs time that grows
+        #: with the slide.  A process killed in between loses only the record of the last
+        #: second's blocks, which a resumed run recomputes (same output).
+        self.progress_every = 1.0
+        self._progress_at = -math.inf
+        self._dirty = False
         self._done: dict[str, set] = {}  #: blocks done by any part: what a run skips
         self._mine: dict[str, set] = {}  #: blocks this part recorded: what it writes to its file
         files = sorted(self.path.glob("progress*.json")) if self.path.exists() else []
@@ -215,8 +223,21 @@ class LabelStore:
             for t in plan.tissues:  # recorded only after the data is written
                 self._done.setdefault(t.name, set()).add((bi, bj))
                 self._mine.setdefault(t.name, set()).add((bi, bj))
-            body = {"done": {k: sorted(v) for k, v in self._mine.items()}}
-            atomic_write_bytes(self._progress_file, json.dumps(body).encode())
+            self._dirty = True
+            if time.monotonic() - self._progress_at >= self.progress_every:
+                self._write_progress()
+
+    def _write_progress(self) -> None:
+        body = {"done": {k: sorted(v) for k, v in self._mine.items()}}
+        atomic_write_bytes(self._progress_file, json.dumps(body).encode())
+        self._progress_at, self._dirty = time.monotonic(), False
+
+    def flush(self) -> None:
+        """Write the record of finished blocks now (the engine calls this when a run ends,
+        cancelled or not; :meth:`finalize` does too)."""
+        with self._lock:
+            if self._dirty:
+                self._write_progress()
 
     def prepare_scores(self, plans) -> None:
         """Create the review-score arrays of these plans' tissues (before parts of one slide
@@ -255,6 +276,7 @@ class LabelStore:
 
         With ``box`` (level-0 x, y, w, h: a region run) only the chunks that the region's
         blocks touch are rebuilt, so a region's cost does not grow with the slide."""
+        self.flush()
         if box is not None:
             m = int(self.meta["chunk"]) * max(t.mpp for t in tissues) / float(self.meta["level0_mpp"])
             x, y, w, h = box  # whole blocks were written around the region: one block of margin
