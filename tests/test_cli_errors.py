@@ -136,3 +136,17 @@ def test_train_with_negatives_from_the_command_line(demo_dir, tmp_path):
     assert set(got["distal_tubule"]) >= {"glomerular_unit"} and "peritubular_capillary" not in got
     bad = _cli("train", "--data", demo_dir, "--zoom", "2", "--out", tmp_path / "x.safetensors")
     assert bad.returncode == 2 and "--zoom is a probability" in bad.stderr and not (tmp_path / "x.safetensors").exists()
+
+
+def test_segment_with_reader_threads_and_a_write_thread_writes_the_same_labels(files):
+    from napari_omniseg.labels.store import LabelStore
+
+    d, ckpt, slide, store = files
+    out = d / "threads.ome.zarr"
+    r = _cli("segment", slide, "-o", out, "-c", ckpt, "--tissues", "dt", "--tile", "128", "--margin", "16", "-q",
+             "--no-skip-background", "--readers", "3", "--write-thread", "on")
+    assert r.returncode == 0, r.stderr
+    a, b = LabelStore(store), LabelStore(out)
+    np.testing.assert_array_equal(a.read("distal_tubule"), b.read("distal_tubule"))
+    bad = _cli("segment", slide, "-o", d / "x.ome.zarr", "-c", ckpt, "--readers", "-1", "-q")
+    assert bad.returncode != 0 and "--readers" in bad.stderr and "Traceback" not in bad.stderr

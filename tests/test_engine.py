@@ -281,3 +281,48 @@ def test_labels_on_glass_are_background_also_inside_tiles_with_tissue(slide_imag
     stained = img.min(axis=-1) <= 240
     assert stained[:, :200].mean() > 0.5
     np.testing.assert_array_equal(a[stained], b[stained])
+
+
+def test_parallel_reads_and_a_writer_thread_give_the_same_store_and_resume(slide_image, ckpt, tmp_path):
+    """Several reader threads and a writer thread change when work happens, never what is
+    written: the store is bit-identical to the plain run, also after a cancelled run with
+    the writer thread is resumed; blocks finished before the cancel are kept."""
+    src = ImageSlide(slide_image, mpp=0.5)
+    tissues = ["glomerular_unit", "glomerular_tuft", "distal_tubule", "proximal_tubule"]
+    plain = Segmenter(ckpt, EngineConfig(**CFG, skip_background=False, readers=1, writers=0))
+    busy = Segmenter(ckpt, EngineConfig(**CFG, skip_background=False, readers=3, writers=1))
+    assert (plain.readers, plain.threaded_writes, busy.readers, busy.threaded_writes) == (1, False, 3, True)
+    ref, rep_ref = segment_to_store(plain, src, tmp_path / "ref.ome.zarr", tissues)
+    out, rep = segment_to_store(busy, src, tmp_path / "busy.ome.zarr", tissues)
+    assert rep.tiles_run == rep_ref.tiles_run and rep.blocks_written == rep_ref.blocks_written > 0
+    for name in tissues + [MAP_NAME]:
+        np.testing.assert_array_equal(ref.read(name), out.read(name), err_msg=name)
+    n = {"k": 0}
+
+    def stop():
+        n["k"] += 1
+        return n["k"] > 4
+
+    with pytest.raises(SegmentationCancelled):
+        segment_to_store(busy, src, tmp_path / "cut.ome.zarr", tissues, should_stop=stop)
+    done, rep2 = segment_to_store(busy, src, tmp_path / "cut.ome.zarr", tissues)
+    assert rep2.blocks_resumed > 0 and done.complete
+    for name in tissues + [MAP_NAME]:
+        np.testing.assert_array_equal(ref.read(name), done.read(name), err_msg=name)
+
+
+def test_a_failing_write_in_the_writer_thread_ends_the_run_with_its_error(slide_image, ckpt):
+    from napari_omniseg.inference.engine import MemorySink
+
+    class Full(MemorySink):
+        def write_block(self, plan, bi, bj, labels):
+            if (bi, bj) == (1, 1):
+                raise OSError(28, "No space left on device")
+            super().write_block(plan, bi, bj, labels)
+
+    src = ImageSlide(slide_image, mpp=0.5)
+    seg = Segmenter(ckpt, EngineConfig(**CFG, skip_background=False, readers=2, writers=1))
+    with pytest.raises(OSError, match="No space left"):
+        seg.run(src, Full((0, 0, 420, 300)), ["distal_tubule"])
+    with pytest.raises(ValueError, match="readers"):
+        Segmenter(ckpt, EngineConfig(readers=-1))

@@ -49,6 +49,7 @@ def _store_with_scores(tmp_path, scores):
     (plan,) = make_plans([DT], (1024, 1024), 0.5, core=64, margin=8)
     for (bi, bj), e in scores.items():
         st.write_scores(plan, bi, bj, {DT.name: [e, 0.0, 0.0, 0.1]})
+    st.flush()  # scores are held and written a row at a time with the record of finished blocks
     return st, plan
 
 
@@ -80,6 +81,7 @@ def test_tissues_take_turns_in_the_queue(tmp_path):
     for k, (bi, bj) in enumerate([(0, 0), (0, 4), (4, 0), (4, 4)]):
         st.write_scores(plan, bi, bj, {DT.name: [0.9 - 0.01 * k, 0, 0, 0.1], PT.name: [np.nan] * 4})
     st.write_scores(plan, 7, 7, {PT.name: [0.3, 0, 0, 0.1], DT.name: [np.nan] * 4})
+    st.flush()
     turns = [s.tissue for s in suggest(st, n=5)]
     assert turns == ["distal_tubule", "proximal_tubule", "distal_tubule", "distal_tubule", "distal_tubule"]
     assert [s.tissue for s in suggest(st, n=5, balance=False)][-1] == "proximal_tubule"

@@ -29,6 +29,10 @@ def _segment_args(p: argparse.ArgumentParser):
                    help="with --scheduler: split each slide into this many bands of blocks run as separate tasks "
                         "(0 = auto: one slide is split over all worker threads, several slides run one task each)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--readers", type=int, default=0,
+                   help="threads reading and resampling the slide (0 = auto: 1 on CPU, up to 4 on CUDA)")
+    p.add_argument("--write-thread", choices=["auto", "on", "off"], default="auto",
+                   help="write finished blocks in a thread beside the model (auto: on with CUDA, off on CPU)")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask before long runs")
     p.add_argument("--quiet", "-q", action="store_true")
 
@@ -38,9 +42,12 @@ def engine_config(a) -> "EngineConfig":
 
     if a.tile % 16 or (a.tile + 2 * a.margin) % 16:
         raise SystemExit("error: --tile and --tile + 2 * --margin must be multiples of 16")
+    if a.readers < 0:
+        raise SystemExit(f"error: --readers must be 0 (auto) or more, got {a.readers}")
     return EngineConfig(core=a.tile, margin=a.margin, batch_size=a.batch_size, device=a.device,
                         precision=a.precision,
-                        skip_background=not a.no_skip_background, threads=a.threads)
+                        skip_background=not a.no_skip_background, threads=a.threads,
+                        readers=a.readers, writers={"auto": -1, "on": 1, "off": 0}[a.write_thread])
 
 
 _SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".svs", ".ndpi", ".mrxs", ".scn", ".zarr",

@@ -90,6 +90,12 @@ class LabelStore:
         if mode != "w" and (self.path / "zarr.json").exists() and not isinstance(self.root.attrs.get("omniseg", {}), dict):
             raise StoreError(f"{self.path}: its zarr.json 'omniseg' attributes are not an object")
         self._lock = threading.Lock()
+        #: array handles by (label name, level): opening one through the zarr groups costs
+        #: about 3 ms, which the engine paid for every tissue of every block it wrote
+        self._arrays: dict = {}
+        self._score_arrays: dict = {}
+        #: review scores not yet written: name -> block row -> block column -> values
+        self._pending_scores: dict = {}
         self._progress_file = self.path / (f"progress-{part}.json" if part is not None else "progress.json")
         #: the record of finished blocks is rewritten at most this often (seconds), and when
         #: a run ends: it lists every block, so rewriting it per block costs time that grows
@@ -189,8 +195,12 @@ class LabelStore:
         return name in self.root["labels"]
 
     def level(self, name: str, k: int = 0):
+        a = self._arrays.get((name, k))
+        if a is not None:
+            return a
         try:
-            return self.root["labels"][name][str(k)]
+            a = self._arrays[(name, k)] = self.root["labels"][name][str(k)]
+            return a
         except KeyError:
             raise StoreError(f"{self.path}: label image {name!r} has no level {k} (the store is incomplete or "
                              "damaged; segment again into a new folder)") from None
@@ -228,6 +238,7 @@ class LabelStore:
                 self._write_progress()
 
     def _write_progress(self) -> None:
+        self._write_pending_scores()  # a block recorded done has its review scores on disk
         body = {"done": {k: sorted(v) for k, v in self._mine.items()}}
         atomic_write_bytes(self._progress_file, json.dumps(body).encode())
         self._progress_at, self._dirty = time.monotonic(), False
@@ -238,6 +249,8 @@ class LabelStore:
         with self._lock:
             if self._dirty:
                 self._write_progress()
+            else:
+                self._write_pending_scores()
 
     def prepare_scores(self, plans) -> None:
         """Create the review-score arrays of these plans' tissues (before parts of one slide
@@ -259,16 +272,36 @@ class LabelStore:
 
     def write_scores(self, plan, bi, bj, scores: dict) -> None:
         """Store one block's review scores (see :mod:`napari_omniseg.labels.review`); called
-        by the engine before :meth:`write_block`, so a block recorded done has its scores."""
+        by the engine before :meth:`write_block`.  Held in memory and written, a row of blocks
+        at a time, before each record of finished blocks, so a block recorded done has its
+        scores on disk."""
         from .review import GROUP
 
-        if GROUP not in self.root or any(t.name not in self.root[GROUP] for t in plan.tissues if t.name in scores):
-            self.prepare_scores([plan])
+        names = [t.name for t in plan.tissues if t.name in scores]
+        if any(n not in self._score_arrays for n in names):
+            if GROUP not in self.root or any(n not in self.root[GROUP] for n in names):
+                self.prepare_scores([plan])
+            with self._lock:
+                grp = self.root[GROUP]
+                for n in names:
+                    self._score_arrays.setdefault(n, grp[n])
         with self._lock:
-            grp = self.root[GROUP]
-            for t in plan.tissues:
-                if t.name in scores:
-                    grp[t.name][bi, bj, :] = np.asarray(scores[t.name], np.float32)
+            for n in names:
+                row = self._pending_scores.setdefault(n, {}).setdefault(int(bi), {})
+                row[int(bj)] = np.asarray(scores[n], np.float32)
+
+    def _write_pending_scores(self) -> None:
+        """Write the review scores held since the last write: one read and one write of each
+        row's chunk, not one per block (a chunk holds a whole row of blocks).  Called with
+        the lock held, before the record of finished blocks is written."""
+        for n, rows in self._pending_scores.items():
+            arr = self._score_arrays[n]
+            for bi, cols in rows.items():
+                row = np.asarray(arr[bi])
+                for bj, v in cols.items():
+                    row[bj, :] = v
+                arr[bi] = row
+        self._pending_scores = {}
 
     def finalize(self, tissues: Sequence[Tissue], run_info: dict | None = None, map_mpp: float | None = None,
                  box: "tuple[int, int, int, int] | None" = None) -> None:
@@ -325,6 +358,7 @@ class LabelStore:
         if not keep:
             if MAP_NAME in labels:
                 del labels[MAP_NAME]
+            self._arrays = {k: v for k, v in self._arrays.items() if k[0] != MAP_NAME}
             self._create_label(labels, MAP_NAME, shape, mpp, chunk, list(tissues))
         dst = self.level(MAP_NAME, 0)
         gy0, gy1, gx0, gx1 = self._grid_box(MAP_NAME, box) if box is not None else (0, shape[0], 0, shape[1])
