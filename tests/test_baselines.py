@@ -24,6 +24,7 @@ from napari_omniseg.training.baselines import (
 from napari_omniseg.training.data import load_arrays, load_dataset, select
 from napari_omniseg.training.loop import TrainConfig, train
 from napari_omniseg.training.losses import dice_bce_loss
+from napari_omniseg.tissues import TISSUES
 
 
 @pytest.fixture(autouse=True)
@@ -161,3 +162,21 @@ def test_baselines_see_the_same_pixels_as_omniseg(two_patches, monkeypatch):
     train_baseline("multiclass", two_patches, [], cfg)
     assert len(seen["omniseg"]) == len(seen["baseline"]) == 4
     assert all(torch.equal(a, b) for a, b in zip(seen["omniseg"], seen["baseline"]))
+
+
+def test_multi_network_selection_rule(two_patches):
+    """By default each network is kept at its own tissue's best validation epoch; with
+    ``per_tissue_selection=False`` (the comparison's common rule) the six networks are
+    kept together at the epoch of best mean validation Dice, as Omni-Seg is."""
+    cfg = TrainConfig(epochs=2, batch_size=2, crop=32, lr=3e-3, augment=False, seed=0, threads=1, val_every=1,
+                      **REFERENCE_STREAM)
+    _, own = train_baseline("multi_network", two_patches, two_patches, cfg)
+    assert own["selection"] == "per tissue"
+    assert set(own["best_epoch"]) == {t.name for t in TISSUES}
+    model, common = train_baseline("multi_network", two_patches, two_patches, cfg, per_tissue_selection=False)
+    assert common["selection"] == "mean" and set(common["best_epoch"]) == {"all"}
+    best = max(common["epochs"], key=lambda e: e["val_mean_dice"])
+    assert common["best_epoch"]["all"] == best["epoch"]
+    # the kept networks are those of that epoch: their validation score is the recorded one
+    _, summ = evaluate_baseline("multi_network", model, two_patches)
+    assert summ["mean_dice"] == pytest.approx(best["val_mean_dice"], abs=1e-6)

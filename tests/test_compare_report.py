@@ -63,3 +63,26 @@ def test_merge_refuses_other_settings_duplicates_and_machines(cm, tmp_path):
     with pytest.raises(SystemExit, match="another machine"):
         cm.main(["--rerender", a, mach, "--out-md", str(tmp_path / "r.md")])
     assert not (tmp_path / "r.md").exists()
+
+
+def test_multi_network_selected_per_tissue_gets_its_own_row(cm, tmp_path):
+    """A multi-network kept per tissue (the rule that favours it) is never averaged with
+    one kept at the common rule: each has a row, and the text says which is which."""
+    own = _run("multi_network", 1, 0.5)
+    own["history"] = {"best_epoch": {t.name: 30 for t in TISSUES}}
+    common = _run("multi_network", 1, 0.3)
+    common["history"] = {"best_epoch": {"all": 25}}
+    a = _save(tmp_path / "a.json", f"{BASE} --selection own", [own, _run("omniseg", 1, 0.4)])
+    b = _save(tmp_path / "b.json", f"{BASE} --methods multi_network", [common])
+    out = tmp_path / "r.md"
+    assert cm.main(["--rerender", a, b, "--out-md", str(out)]) == 0
+    text = out.read_text()
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines()
+            if line.startswith("| Multi-network") and line.count("|") > 14}  # the Dice table's rows
+    assert set(rows) == {cm.LABELS["multi_network"], cm.LABELS[cm.OWN]}
+    mean_dice = lambda line: [c.strip() for c in line.strip("|").split("|")][8]  # noqa: E731
+    assert mean_dice(rows[cm.LABELS[cm.OWN]]) == "0.500" and mean_dice(rows[cm.LABELS["multi_network"]]) == "0.300"
+    assert "the same rule for every method" in text
+    alone = _save(tmp_path / "c.json", BASE, [own])
+    assert cm.main(["--rerender", alone, "--out-md", str(out)]) == 0
+    assert "a rule that favours it" in out.read_text() and "the same rule for every method" not in out.read_text()

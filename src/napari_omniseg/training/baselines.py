@@ -327,6 +327,7 @@ def train_baseline(
     *,
     tissues: Sequence[Tissue] = TISSUES,
     on_progress: ProgressFn | None = None,
+    per_tissue_selection: bool | None = None,
 ) -> tuple[nn.Module, dict]:
     """Train a baseline with Omni-Seg's recipe (see the module docstring).
 
@@ -336,8 +337,10 @@ def train_baseline(
     more than ``cfg.max_nonfinite`` raise :class:`TrainingError`.  Validation every
     ``cfg.val_every`` epochs and at the last: the model (or, for the multi-network,
     each tissue's network on its own tissue) with the best mean validation Dice is
-    kept; without validation data, the last epoch.  Returns the selected model (in
-    eval mode, on the CPU) and a history dict.
+    kept; without validation data, the last epoch.  ``per_tissue_selection`` overrides
+    the method's own rule (False: the multi-network's six networks are kept together,
+    at the epoch of best mean validation Dice, the rule Omni-Seg is selected by).
+    Returns the selected model (in eval mode, on the CPU) and a history dict.
     """
     m = get_baseline(method) if isinstance(method, str) else method
     cfg = cfg or TrainConfig()
@@ -357,9 +360,11 @@ def train_baseline(
     model = build_model(m, tissues, seed=cfg.seed).to(dev)
     optim = _make_optimizer(model, cfg)
     # selection units: the whole model, or one network per tissue
-    units = list(range(len(tissues))) if m.per_tissue_selection else [None]
+    per_tissue = m.per_tissue_selection if per_tissue_selection is None else bool(per_tissue_selection)
+    units = list(range(len(tissues))) if per_tissue else [None]
     best = {u: (-math.inf, -1, None) for u in units}  # score, epoch, state
-    history: dict = {"method": m.name, "epochs": [], "nonfinite_steps": 0, "config": cfg.to_dict()}
+    history: dict = {"method": m.name, "epochs": [], "nonfinite_steps": 0, "config": cfg.to_dict(),
+                     "selection": "per tissue" if per_tissue else "mean"}
     nonfinite = 0
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
@@ -396,7 +401,7 @@ def train_baseline(
             _, summ = evaluate_baseline(m, model, val_samples, device=dev)
             rec["val_mean_dice"] = summ["mean_dice"]
             rec["val_dice"] = {t: v["dice"] for t, v in summ["per_tissue"].items()}
-            if m.per_tissue_selection:
+            if per_tissue:
                 scores = {t.id: rec["val_dice"].get(t.name) for t in tissues}
                 # a tissue without validation patches keeps its last epoch
                 scores = {u: (float(epoch) if s is None else s) for u, s in scores.items()}
