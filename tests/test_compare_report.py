@@ -86,3 +86,21 @@ def test_multi_network_selected_per_tissue_gets_its_own_row(cm, tmp_path):
     alone = _save(tmp_path / "c.json", BASE, [own])
     assert cm.main(["--rerender", alone, "--out-md", str(out)]) == 0
     assert "a rule that favours it" in out.read_text() and "the same rule for every method" not in out.read_text()
+
+
+def test_calibrated_omniseg_is_not_averaged_with_a_plain_cut(cm, tmp_path):
+    """The baselines cut at 0.5; an Omni-Seg run with calibrated thresholds gets a row
+    of its own and the text says it had that advantage."""
+    cal = _run("omniseg", 1, 0.45)
+    cal["history"] = {"thresholds": {t.name: (0.05 if t.name == "artery" else 0.5) for t in TISSUES}}
+    plain = _run("omniseg", 1, 0.40)
+    plain["history"] = {"thresholds": {t.name: 0.5 for t in TISSUES}}
+    a = _save(tmp_path / "a.json", BASE, [cal])
+    b = _save(tmp_path / "b.json", f"{BASE} --methods omniseg", [plain])
+    out = tmp_path / "r.md"
+    assert cm.main(["--rerender", a, b, "--out-md", str(out)]) == 0
+    text = out.read_text()
+    labels = {line.split("|")[1].strip() for line in text.splitlines()
+              if line.startswith("| Omni-Seg") and line.count("|") > 14}
+    assert labels == {cm.LABELS["omniseg"], cm.LABELS[cm.CAL]}
+    assert "an advantage the baselines do not get" in text
