@@ -14,6 +14,13 @@ Also measured: parameter count, training wall time, and inference time per
 pass plus six dynamic heads; the single-network baselines: one forward), timed on
 a batch of test tiles after one warm-up pass (median of ``--infer-repeats``).
 
+Rules, the same for every method: the epoch of best mean validation Dice is kept
+(``--selection own`` instead keeps each of the multi-network's networks at its own
+tissue's best, the rule that favours it); masks are cut at 0.5 (or by argmax), and with
+``--calibrate`` each trained model is scored a second time with per-tissue thresholds
+chosen on the train + validation patches (the same grid and rule for every method; the
+multi-class argmax has none).
+
 Writes a markdown report (``--out-md``) and every per-image score and training
 history as JSON (``--out-json``), and prints the tables.  ``--rerender JSON``
 rewrites the markdown from a saved JSON without training again.
@@ -25,6 +32,7 @@ rewrites the markdown from a saved JSON without training again.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -40,7 +48,7 @@ import torch
 
 from napari_omniseg.model.network import count_parameters, foreground
 from napari_omniseg.tissues import TISSUES
-from napari_omniseg.training.baselines import BASELINES, evaluate_baseline, train_baseline
+from napari_omniseg.training.baselines import BASELINES, calibrate_baseline, evaluate_baseline, train_baseline
 from napari_omniseg.training.data import load_arrays, load_dataset, select
 from napari_omniseg.training.loop import TrainConfig, cpu_has_fast_bf16, evaluate_samples, train
 
@@ -109,15 +117,18 @@ def _load1() -> float:
 
 
 # --------------------------------------------------------------------------- one run
-def run_one(method: str, seed: int, tr, va, te, a) -> dict:
+def run_one(method: str, seed: int, tr, va, te, a) -> list[dict]:
+    """Train ``method`` once and score the test split: one record with every mask cut at
+    0.5 (or by argmax), and with ``--calibrate`` a second one for the same networks with
+    each tissue's threshold calibrated on the train + validation patches."""
     cfg = TrainConfig(epochs=a.epochs, crop=a.crop, batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr,
                       seed=seed, threads=a.threads, val_every=a.val_every, device="cpu",
                       # every method on the same data stream: the baselines read it through the loop's
                       # reference batch builder, so the anatomy-derived labels, object crops and balanced
                       # steps of the current recipe stay off here (the comparison is like for like)
                       relations=False, balanced=False, object_crop=0.0,
-                      # every method cuts at 0.5 (or argmax): the baselines have no calibrated thresholds
-                      calibrate=False)
+                      # thresholds: calibrated below for every method alike, or not at all
+                      calibrate=a.calibrate)
 
     def prog(ev):
         if ev.get("phase") == "epoch":
@@ -127,22 +138,33 @@ def run_one(method: str, seed: int, tr, va, te, a) -> dict:
 
     load0 = _load1()
     t0 = time.perf_counter()
+    scored = []  # (thresholds, rows, summary)
     if method == "omniseg":
         ck, hist = train(tr, va, None, cfg, on_progress=prog)
         train_s = time.perf_counter() - t0
         model = ck.model.eval()
-        rows, summ = evaluate_samples(ck, te)
+        scored.append((None, *evaluate_samples(dataclasses.replace(ck, thresholds={}), te)))
+        if a.calibrate:
+            scored.append((dict(ck.thresholds), *evaluate_samples(ck, te)))
     else:
         model, hist = train_baseline(method, tr, va, cfg, on_progress=prog,
                                      per_tissue_selection=None if a.selection == "own" else False)
         train_s = time.perf_counter() - t0
-        rows, summ = evaluate_baseline(method, model, te)
+        scored.append((None, *evaluate_baseline(method, model, te)))
+        if a.calibrate and BASELINES[method].has_probability:  # not the multi-class argmax
+            th = calibrate_baseline(method, model, list(tr) + list(va))
+            scored.append((th, *evaluate_baseline(method, model, te, thresholds=th)))
     x = torch.from_numpy(np.stack([s.image for s in te[: a.infer_batch]])).permute(0, 3, 1, 2).float() / 255.0
     infer_ms = time_per_tile_ms(all_tissue_fn(method, model), x, a.infer_repeats)
-    return {"method": method, "seed": seed, "n_parameters": count_parameters(model), "train_s": train_s,
-            "load_1min": [load0, _load1()],
-            "infer_ms_per_tile": infer_ms, "infer_batch": int(x.shape[0]), "infer_tile": list(x.shape[-2:]),
-            "summary": summ, "rows": rows, "history": hist}
+    out = []
+    for th, rows, summ in scored:
+        out.append({"method": method, "seed": seed, "n_parameters": count_parameters(model), "train_s": train_s,
+                    "load_1min": [load0, _load1()],
+                    "infer_ms_per_tile": infer_ms, "infer_batch": int(x.shape[0]), "infer_tile": list(x.shape[-2:]),
+                    "summary": summ, "rows": rows,
+                    # calibrated: thresholds chosen for this record (some tissues may keep 0.5)
+                    "history": {**hist, "thresholds": th or {}, "calibrated": th is not None}})
+    return out
 
 
 # --------------------------------------------------------------------------- report
@@ -157,23 +179,30 @@ def _stat(vals, decimals, scale=1.0):
 
 OWN = "multi_network_own"
 CAL = "omniseg_calibrated"
-#: table rows: the methods, the multi-network once more where it was selected per tissue,
-#: and Omni-Seg once more where its thresholds were calibrated
-ROWS = ("omniseg", CAL, "multi_network", OWN, "multihead_tal", "multiclass")
+#: table rows: each method, the multi-network once more where it was selected per tissue,
+#: and each once more where its thresholds were calibrated (suffix "_calibrated")
+ROWS = tuple(r for m in METHODS for r in ((m, f"{m}_calibrated", OWN, f"{OWN}_calibrated")
+                                          if m == "multi_network" else (m, f"{m}_calibrated")))
 LABELS[OWN] = "Multi-network, each network at its own tissue's best epoch"
-LABELS[CAL] = "Omni-Seg, thresholds calibrated on train + validation patches"
+for _m in list(LABELS):
+    LABELS[f"{_m}_calibrated"] = f"{LABELS[_m]}, thresholds calibrated on train + validation patches"
 
 
 def row_of(r: dict) -> str:
     """The table row of a run: its method, or OWN for a multi-network whose networks were
     each kept at their own tissue's best epoch (its history says so; runs saved before
-    ``--selection`` existed were all selected that way), or CAL for an Omni-Seg run whose
-    thresholds were calibrated (runs saved before the comparison switched that off)."""
-    if r["method"] == "multi_network" and set(r["history"].get("best_epoch", {})) - {"all"}:
-        return OWN
-    if r["method"] == "omniseg" and any(v != 0.5 for v in (r["history"].get("thresholds") or {}).values()):
-        return CAL  # runs saved before calibration was switched off here
-    return r["method"]
+    ``--selection`` existed were all selected that way); "_calibrated" appended where the
+    run's thresholds were calibrated (``--calibrate``, and Omni-Seg runs saved before the
+    comparison switched its calibration off)."""
+    row = r["method"]
+    if row == "multi_network" and set(r["history"].get("best_epoch", {})) - {"all"}:
+        row = OWN
+    cal = r["history"].get("calibrated")
+    if cal is None:  # runs saved before the flag: calibrated where a threshold is not 0.5
+        cal = any(v != 0.5 for v in (r["history"].get("thresholds") or {}).values())
+    if cal:
+        row += "_calibrated"
+    return row
 
 
 def tables(runs: list[dict], tissues) -> tuple[str, str, str]:
@@ -242,10 +271,17 @@ def report(runs, tissues, a, command, mach, counts, started, load) -> str:
                         "validation Dice, a rule that favours it, in a row of its own" if own else ""))
         mn_selection = ("the six networks are selected together, on mean validation Dice"
                         + (" (in the row marked so, each on its own tissue's validation Dice)" if own else ""))
-    cut = ("every method's masks are cut at 0.5 (or by argmax); Omni-Seg's per-tissue calibrated thresholds "
-           "(`omniseg calibrate`) are off, the baselines having none"
-           + ("; Omni-Seg also with thresholds calibrated at the end of training on the train + validation "
-              "patches, in a row of its own (an advantage the baselines do not get)" if CAL in rows else ""))
+    calibrated = {k for k in rows if k.endswith("_calibrated")}
+    if not calibrated:
+        cut = "every method's masks cut at 0.5 (or by argmax), no calibrated thresholds"
+    elif calibrated == {CAL}:
+        cut = ("every method's masks cut at 0.5 (or by argmax); Omni-Seg also with thresholds calibrated at the end "
+               "of training on the train + validation patches, in a row of its own (an advantage the baselines "
+               "do not get)")
+    else:
+        cut = ("rows marked calibrated: each tissue's threshold chosen after training on the train + validation "
+               "patches, the same grid and rule for every method (the multi-class argmax has none); other rows cut "
+               "at 0.5 (or by argmax)")
     return f"""# Omni-Seg against the paper's baselines (renal demo data)
 
 Generated by `benchmarks/compare_methods.py`; {origin}
@@ -340,7 +376,7 @@ Per-image scores and training histories: `{a.out_json or '(not written)'}`.
 """
 
 
-_PER_COMMAND = ("seed", "seeds", "methods", "selection", "out_md", "out_json", "rerender")
+_PER_COMMAND = ("seed", "seeds", "methods", "selection", "calibrate", "out_md", "out_json", "rerender")
 
 
 def rerender(p: argparse.ArgumentParser, paths: list[str]) -> str:
@@ -392,6 +428,9 @@ def main(argv=None) -> int:
     p.add_argument("--selection", choices=("mean", "own"), default="mean",
                    help="mean: every method kept at its epoch of best mean validation Dice (the multi-network's "
                         "six networks together); own: the multi-network's networks each at their own tissue's best")
+    p.add_argument("--calibrate", action="store_true",
+                   help="every method's per-tissue thresholds chosen on the train + validation patches after "
+                        "training (as `omniseg train` does for Omni-Seg; the multi-class argmax has none)")
     p.add_argument("--infer-batch", type=int, default=8)
     p.add_argument("--infer-repeats", type=int, default=3)
     p.add_argument("--out-md", default="docs/comparison.md")
@@ -429,10 +468,11 @@ def main(argv=None) -> int:
     runs = []
     for k in range(a.seeds):
         for m in methods:
-            r = run_one(m, a.seed + k, tr, va, te, a)
-            runs.append(r)
-            print(f"{m} seed {a.seed + k}: test mean Dice {r['summary']['mean_dice']:.3f}, train {r['train_s']:.0f} s, "
-                  f"{r['infer_ms_per_tile']:.1f} ms/tile", flush=True)
+            for r in run_one(m, a.seed + k, tr, va, te, a):
+                runs.append(r)
+                how = "calibrated" if r["history"]["calibrated"] else "cut at 0.5"
+                print(f"{m} seed {a.seed + k} ({how}): test mean Dice {r['summary']['mean_dice']:.3f}, "
+                      f"train {r['train_s']:.0f} s, {r['infer_ms_per_tile']:.1f} ms/tile", flush=True)
             if a.out_json:  # after every run, so a long comparison keeps what it finished
                 Path(a.out_json).parent.mkdir(parents=True, exist_ok=True)
                 Path(a.out_json).write_text(json.dumps({"command": command, "machine": mach, "started": started,

@@ -180,3 +180,25 @@ def test_multi_network_selection_rule(two_patches):
     # the kept networks are those of that epoch: their validation score is the recorded one
     _, summ = evaluate_baseline("multi_network", model, two_patches)
     assert summ["mean_dice"] == pytest.approx(best["val_mean_dice"], abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["multi_network", "multihead_tal"])
+def test_baseline_probability_matches_its_decision_and_calibrates(name, two_patches):
+    """A baseline's probability cut at 0.5 is its own decision; calibrating picks from the
+    same grid as Omni-Seg's calibration and never scores the calibration patches worse
+    than the 0.5 cut does."""
+    cfg = TrainConfig(epochs=1, batch_size=2, crop=32, lr=3e-3, augment=False, seed=0, threads=1, **REFERENCE_STREAM)
+    model, _ = train_baseline(name, two_patches, [], cfg)
+    b = BASELINES[name]
+    x = torch.from_numpy(np.stack([s.image for s in two_patches])).permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        assert torch.equal(b.probability(model, x, 2) > 0.5, b.predict(model, x, 2))
+    from napari_omniseg.training.baselines import calibrate_baseline
+    from napari_omniseg.training.calibrate import GRID
+
+    th = calibrate_baseline(name, model, two_patches, min_samples=2)
+    assert set(th) == {"glomerular_unit"} and th["glomerular_unit"] in GRID
+    _, plain = evaluate_baseline(name, model, two_patches)
+    _, cal = evaluate_baseline(name, model, two_patches, thresholds=th)
+    assert cal["mean_dice"] >= plain["mean_dice"] - 0.005
+    assert calibrate_baseline("multiclass", build_model("multiclass", seed=0), two_patches) == {}

@@ -104,3 +104,28 @@ def test_calibrated_omniseg_is_not_averaged_with_a_plain_cut(cm, tmp_path):
               if line.startswith("| Omni-Seg") and line.count("|") > 14}
     assert labels == {cm.LABELS["omniseg"], cm.LABELS[cm.CAL]}
     assert "an advantage the baselines do not get" in text
+
+
+@pytest.mark.parametrize("method", ["omniseg", "multi_network"])
+def test_calibrate_scores_the_same_networks_both_ways(cm, method, demo_dir):
+    """--calibrate trains once and gives two records: every tissue cut at 0.5 (no
+    thresholds) and the same networks at thresholds chosen on train + validation."""
+    import dataclasses
+    import types
+
+    from napari_omniseg.training.data import load_arrays, load_dataset, select
+
+    s = load_arrays(select(load_dataset(demo_dir), "train", tissues=["glomerular_unit"])[:2])
+    pats = [dataclasses.replace(p, image=p.image[96:160, 96:160].copy(), mask=p.mask[96:160, 96:160].copy()) for p in s]
+    a = types.SimpleNamespace(epochs=1, crop=32, batch_size=2, optimizer="adamw", lr=3e-3, threads=1, val_every=1,
+                              calibrate=True, selection="mean", infer_batch=2, infer_repeats=1)
+    recs = cm.run_one(method, 0, pats[:1], pats[1:], pats, a)
+    assert [r["history"]["calibrated"] for r in recs] == [False, True]
+    assert recs[0]["history"]["thresholds"] == {}
+    assert recs[0]["train_s"] == recs[1]["train_s"]  # one training, scored twice
+    assert {cm.row_of(r) for r in recs} == {method, f"{method}_calibrated"}
+    a.calibrate = False
+    assert len(cm.run_one(method, 0, pats[:1], pats[1:], pats, a)) == 1
+    # the multi-class decision is an argmax: nothing to calibrate, one record
+    a.calibrate = True
+    assert len(cm.run_one("multiclass", 0, pats[:1], pats[1:], pats, a)) == 1

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.checkpoint import all_finite
-from ..model.network import Backbone, NetConfig, foreground
+from ..model.network import Backbone, NetConfig, fg_probability, foreground
 from ..tissues import TISSUES, Tissue
 from .data import Sample, load_arrays
 from .loop import TrainConfig, TrainingError, _batch_tensors, _device, _make_optimizer, _pad_to, lr_at, make_batches
@@ -190,6 +190,16 @@ class Baseline:
         """Binary masks N x T x H x W of every tissue (what a slide-level run needs)."""
         raise NotImplementedError
 
+    @property
+    def has_probability(self) -> bool:
+        """True when the decision is a cut of one probability (so it can be calibrated)."""
+        return type(self).probability is not Baseline.probability
+
+    def probability(self, model: nn.Module, x: torch.Tensor, tissue: int) -> torch.Tensor | None:
+        """Foreground probability N x H x W of ``tissue`` whose cut at 0.5 is :meth:`predict`,
+        or None where the decision is not a cut of one probability (an argmax)."""
+        return None
+
     def submodule(self, model: nn.Module, tissue: int) -> nn.Module:
         """The part of the model selected independently for ``tissue`` (per-tissue selection)."""
         return model
@@ -208,6 +218,9 @@ class MultiNetworkBaseline(Baseline):
 
     def predict(self, model, x, tissue):
         return foreground(model(x, tissue))
+
+    def probability(self, model, x, tissue):
+        return fg_probability(model(x, tissue).float())
 
     def predict_all(self, model, x):
         return torch.stack([foreground(model(x, t)) for t in range(model.cfg.n_tissues)], dim=1)
@@ -228,6 +241,9 @@ class TALBaseline(Baseline):
 
     def predict(self, model, x, tissue):
         return merged_logit(model(x), tissue) > 0  # p_c > 0.5
+
+    def probability(self, model, x, tissue):
+        return torch.sigmoid(merged_logit(model(x).float(), tissue))
 
     def predict_all(self, model, x):
         p = torch.softmax(model(x), dim=1)[:, 1:]
@@ -279,8 +295,10 @@ def build_model(method: "str | Baseline", tissues: Sequence[Tissue] = TISSUES, s
 # --------------------------------------------------------------------------- evaluation
 @torch.inference_mode()
 def predict_baseline(method: "str | Baseline", model: nn.Module, samples: Sequence[Sample], batch_size: int = 8,
-                     device="cpu") -> list[np.ndarray]:
-    """Each sample's binary mask for its own tissue (full patches, reflect-padded to /16)."""
+                     device="cpu", thresholds: dict | None = None, probabilities: bool = False) -> list[np.ndarray]:
+    """Each sample's binary mask for its own tissue (full patches, reflect-padded to /16):
+    the method's own decision, or its probability cut at ``thresholds[tissue name]``
+    where given; with ``probabilities`` the probability maps themselves."""
     m = get_baseline(method) if isinstance(method, str) else method
     dev = _device(device)
     was_training = model.training
@@ -294,7 +312,15 @@ def predict_baseline(method: "str | Baseline", model: nn.Module, samples: Sequen
             chunk = idxs[j: j + batch_size]
             x = torch.from_numpy(np.stack([samples[i].image for i in chunk])).permute(0, 3, 1, 2).float() / 255.0
             x, (h, w) = _pad_to(x.to(dev), model.cfg.divisor)
-            fg = m.predict(model, x, tid)[..., :h, :w].cpu().numpy()
+            name = samples[idxs[0]].tissue.name
+            if probabilities or (thresholds and name in thresholds):
+                p = m.probability(model, x, tid)
+                if p is None:
+                    raise ValueError(f"{m.name}: its decision is not a cut of one probability")
+                p = p[..., :h, :w]
+                fg = (p if probabilities else p > thresholds[name]).cpu().numpy()
+            else:
+                fg = m.predict(model, x, tid)[..., :h, :w].cpu().numpy()
             for k, i in enumerate(chunk):
                 out[i] = fg[k]
     model.train(was_training)
@@ -302,16 +328,34 @@ def predict_baseline(method: "str | Baseline", model: nn.Module, samples: Sequen
 
 
 def evaluate_baseline(method: "str | Baseline", model: nn.Module, samples: Sequence[Sample], device="cpu",
-                      batch_size: int = 8) -> tuple[list[dict], dict]:
+                      batch_size: int = 8, thresholds: dict | None = None) -> tuple[list[dict], dict]:
     """Per-sample rows and their :func:`summarize` summary, like :func:`.loop.evaluate_samples`:
     foreground Dice and distances in microns at each tissue's own pixel size."""
     samples = [s if s.image is not None else load_arrays([s])[0] for s in samples]
-    preds = predict_baseline(method, model, samples, batch_size=batch_size, device=device)
+    preds = predict_baseline(method, model, samples, batch_size=batch_size, device=device, thresholds=thresholds)
     rows = []
     for s, p in zip(samples, preds):
         rows.append({"tissue": s.tissue.name, "stain": s.stain, "image": str(s.image_path),
                      **segmentation_scores(p, s.mask, s.tissue.mpp)})
     return rows, summarize(rows)
+
+
+def calibrate_baseline(method: "str | Baseline", model: nn.Module, samples: Sequence[Sample], *,
+                       min_samples: int = 4, device="cpu") -> dict:
+    """Per-tissue thresholds for a baseline, chosen exactly as :func:`.calibrate.calibrate_thresholds`
+    chooses Omni-Seg's (best mean Dice on ``samples`` over the same grid; tissues with fewer
+    than ``min_samples`` patches keep 0.5); {} for a method whose decision is an argmax."""
+    from .calibrate import GRID, pick_thresholds, threshold_table
+
+    m = get_baseline(method) if isinstance(method, str) else method
+    if not m.has_probability:  # an argmax: nothing to cut
+        return {}
+    samples = [s if s.image is not None else load_arrays([s])[0] for s in samples]
+    probs = predict_baseline(m, model, samples, device=device, probabilities=True)
+    counts: dict = {}
+    for s in samples:
+        counts[s.tissue.name] = counts.get(s.tissue.name, 0) + 1
+    return pick_thresholds(threshold_table(probs, samples, GRID), counts, min_samples)
 
 
 # --------------------------------------------------------------------------- training
