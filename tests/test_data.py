@@ -153,6 +153,35 @@ def test_zoom_shrinks_and_grows_the_object_with_its_mask_and_is_off_by_default()
     assert all(abs(x - 400) < 80 for x in areas), areas
 
 
+def test_defocus_softens_the_image_keeps_the_mask_and_is_off_by_default():
+    from napari_omniseg.training.augment import AugmentConfig, _defocus
+
+    rng = np.random.default_rng
+    img = np.zeros((96, 96, 3), np.float32)
+    img[::4] = 1.0  # stripes 1 px wide: all high frequency
+    img[30:60, 30:60] = 0.5
+    msk = np.zeros((96, 96), bool)
+    msk[30:60, 30:60] = True
+
+    def edge_energy(a):  # both axes: augment() may turn the stripes by 90 degrees
+        return float(np.abs(np.diff(a, axis=0)).mean() + np.abs(np.diff(a, axis=1)).mean())
+
+    cfg = AugmentConfig(p_defocus=1.0)
+    for s in range(6):  # both kinds (blur, shrink and enlarge back) are drawn over these seeds
+        a = _defocus(img, rng(s), cfg)
+        assert a.shape == img.shape and a.dtype == np.float32
+        assert edge_energy(a) < 0.6 * edge_energy(img)  # the stripes are softened
+        assert abs(float(a.mean()) - float(img.mean())) < 0.02  # the same content, not darker or lighter
+    # through augment(): the mask is untouched by defocus (geometry off, colour and noise off)
+    only = AugmentConfig(p_geometric=0, p_color=0, p_noise=0, p_defocus=1.0)
+    a, m = augment(img, msk, rng(7), only)
+    assert m.sum() == msk.sum() and edge_energy(a) < 0.6 * edge_energy(img)
+    # p_defocus = 0 (the default) draws nothing more: the seeded stream is the one it was
+    a1, m1 = augment(img, msk, rng(3))
+    a2, m2 = augment(img, msk, rng(3), AugmentConfig(p_defocus=0.0, defocus_sigma=(5, 6)))
+    assert np.array_equal(a1, a2) and np.array_equal(m1, m2)
+
+
 def test_two_processes_appending_to_one_manifest_keep_every_row(tmp_path):
     """Real concurrent processes: 2 x 100 appends, none lost."""
     import subprocess

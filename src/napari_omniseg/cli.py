@@ -145,6 +145,9 @@ def _train_args(p):
     p.add_argument("--zoom", type=float, default=0.0, metavar="P",
                    help="with probability P, zoom each training image by 0.45-1.3 (log-uniform), so structures are also "
                         "seen smaller or larger than at their magnification (e.g. mouse glomeruli); default 0")
+    p.add_argument("--defocus", type=float, default=0.0, metavar="P",
+                   help="with probability P, make each training image less sharp (blur sigma 0.5-2 px, or shrink 1.5-3x "
+                        "and enlarge back), so softer scans from another scanner or focus are still read; default 0")
     p.add_argument("--state-dir", help="folder for a resumable training state (rerun the same command to resume)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = default)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -169,6 +172,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     if not 0.0 <= a.zoom <= 1.0:
         print(f"error: --zoom is a probability (0-1), got {a.zoom}", file=sys.stderr)
         return 2
+    if not 0.0 <= a.defocus <= 1.0:
+        print(f"error: --defocus is a probability (0-1), got {a.defocus}", file=sys.stderr)
+        return 2
     if a.negatives < 0:
         print(f"error: --negatives is a number of batches (0 or more), got {a.negatives}", file=sys.stderr)
         return 2
@@ -190,6 +196,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.lr is not None:
         cfg.lr = a.lr
     cfg.aug.p_zoom = a.zoom
+    cfg.aug.p_defocus = a.defocus
     init = load_checkpoint(a.init) if a.init else None
     n_steps = steps_per_epoch(tr, cfg) * a.epochs
     bar = _Bar(n_steps, "train", a.quiet)
