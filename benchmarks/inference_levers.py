@@ -11,9 +11,10 @@ at the checkpoint's calibrated threshold and optionally cleaned up:
 - ``fill+min``: also objects under 1,000 um^2 removed (10 um^2 for the capillary).
 
 Sets: the renal-demo test split (23 patches), the AIDPATH tiles held out of training
-(every third by name; ``--hold-out-every``), and the same tiles declared at 1.0
-instead of 0.5 um/px, so their glomeruli are half as large at 5x (a stand-in for
-smaller glomeruli, e.g. mouse).  Prints mean foreground Dice per tissue.
+(every third by name; ``--hold-out-every``), and the same tiles declared at 0.25
+instead of 0.5 um/px, so they are read at half the pixels and their glomeruli are
+half as large at 5x (a stand-in for smaller glomeruli, e.g. mouse), and declared at
+1.0 um/px (glomeruli twice as large).  Prints mean foreground Dice per tissue.
 
     python benchmarks/inference_levers.py --threads 2 [--checkpoint C] [--modes none flip4 d8]
 """
@@ -103,14 +104,16 @@ def main(argv=None) -> int:
         k = a.hold_out_every
         held = [s for i, s in enumerate(ext) if k and i % k == k - 1] if k else ext
         sets["external held out"] = load_arrays([copy.deepcopy(s) for s in held])
-        half = []
-        for s in held:
-            s2 = copy.deepcopy(s)
-            s2.meta.pop("mpp", None)
-            s2.meta["um_per_px"] = "1.0"
-            s2.image, s2.mask = None, None
-            half.append(s2)
-        sets["external, glomeruli at half size"] = load_arrays(half)
+        for declared, label in (("0.25", "glomeruli at half size"), ("1.0", "glomeruli at twice their size")):
+            # a coarser declared pixel means fewer pixels are dropped on the way to 5x: larger objects
+            resized = []
+            for s in held:
+                s2 = copy.deepcopy(s)
+                s2.meta.pop("mpp", None)
+                s2.meta["um_per_px"] = declared
+                s2.image, s2.mask = None, None
+                resized.append(s2)
+            sets[f"external, {label}"] = load_arrays(resized)
     rows = []
     for mode in a.modes:
         t0 = time.perf_counter()
