@@ -13,7 +13,7 @@ from napari_omniseg.inference.engine import EngineConfig, Segmenter, segment_reg
 from napari_omniseg.model import CheckpointError, load_checkpoint, new_checkpoint, save_checkpoint, shipped_checkpoint
 from napari_omniseg.slides import ImageSlide
 from napari_omniseg.tissues import get_tissue
-from napari_omniseg.training.calibrate import pick_thresholds, threshold_table
+from napari_omniseg.training.calibrate import calibration_counts, pick_thresholds, threshold_table
 from napari_omniseg.training.data import Sample, load_arrays, load_dataset, select
 from napari_omniseg.training.loop import evaluate_samples, predict_samples
 
@@ -37,6 +37,32 @@ def test_threshold_table_and_pick_on_hand_made_probabilities():
     # too few patches: the previous threshold is kept
     assert pick_thresholds(table, {"distal_tubule": 3}, previous={"distal_tubule": 0.4}) == {"distal_tubule": 0.4}
     assert pick_thresholds(table, {"distal_tubule": 3}) == {}
+
+
+def test_patches_annotated_empty_do_not_vote():
+    """Exported corrections hold patches where the tissue was erased (annotation
+    empty). Each of them scores Dice 1 at a cut that marks nothing, so with a mean over
+    all patches three of them drove a fine-tuned artery threshold from 0.05 to 0.90
+    and the artery vanished; only patches that show the tissue may choose its cut."""
+    yy, xx = np.mgrid[:64, :64]
+    disk = (yy - 32) ** 2 + (xx - 32) ** 2 < 15**2
+    prob = np.where(disk, 0.3, 0.1).astype(np.float32)
+    shown = _sample("artery", disk)
+    # the head is faintly on in the erased patches (0.1 .. 0.85): a cut at 0.9 marks nothing there
+    empty = [_sample("artery", np.zeros((64, 64), bool)) for _ in range(3)]
+    empty_probs = [np.full((64, 64), v, np.float32) for v in (0.1, 0.5, 0.85)]
+    table = threshold_table([prob] + empty_probs, [shown] + empty)
+    assert table == threshold_table([prob], [shown])
+    assert table["artery"][0.9] == 0.0 and table["artery"][0.1] == pytest.approx(1.0)
+    assert calibration_counts([shown] + empty) == {"artery": 1}
+    # one patch showing the artery is too few to move it: the parent's cut stays
+    counts = calibration_counts([shown] + empty)
+    assert pick_thresholds(table, counts, previous={"artery": 0.05}) == {"artery": 0.05}
+    # four that show it do move it
+    table4 = threshold_table([prob] * 4 + empty_probs, [shown] * 4 + empty)
+    assert pick_thresholds(table4, calibration_counts([shown] * 4 + empty), previous={"artery": 0.05}) == {"artery": 0.25}
+    # an erased patch alone yields no row at all
+    assert threshold_table(empty_probs, empty) == {}
 
 
 def test_thresholds_round_trip_and_bad_ones_are_refused(tmp_path):

@@ -560,3 +560,43 @@ def test_two_processes_committing_into_one_store_chunk_lose_nothing(tmp_path):
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     got = LabelStore(st.path).read(DT.name, 0)
     assert int(got[:64, :64].sum()) == 64 * 64, "rows of one process were overwritten by the other"
+
+
+def test_finetune_on_erased_artery_crops_keeps_the_artery(tmp_path):
+    """The shipped model, a real PAS artery patch (bundled) corrected to its annotation
+    and exported as 128 px crops, two of the four without artery: the fine-tuned model
+    must still find the artery. Before crops annotated empty were kept out of threshold
+    calibration, they voted for the top cut (0.90) and the artery vanished."""
+    from napari_omniseg._widgets._sources import ArraySource
+    from napari_omniseg.corrections.finetune import FinetuneConfig, finetune
+    from napari_omniseg.demo import bundled_samples
+    from napari_omniseg.inference.engine import EngineConfig, Segmenter, segment_region
+    from napari_omniseg.model import ModelRegistry, load_checkpoint, shipped_checkpoint
+    from napari_omniseg.training.data import Sample, load_arrays, load_dataset
+    from napari_omniseg.training.loop import evaluate_samples
+
+    art = get_tissue("artery")
+    sample = next(s for s in bundled_samples() if s.tissue.name == "artery" and s.stain == "pas")
+    img, truth = sample.image, (np.asarray(sample.mask) > 0).astype(np.uint8)
+    h, w = truth.shape
+    parent = load_checkpoint(shipped_checkpoint())
+    src = ArraySource(img, art.mpp, name="artery-pas")
+    s = CorrectionSession.open(tmp_path / "p.omniseg", SlideInfo("artery-pas", (h, w), art.mpp))
+    res, _ = segment_region(Segmenter(parent, EngineConfig(core=256, margin=32, threads=1)), src, (0, 0, w, h),
+                            ["artery"])
+    r = res["artery"]
+    s.set_region(art, truth, r.origin, r.factor, r.mpp, (0, 0, w, h), parent.version, force=True)
+    s.set_reviewed(art)
+    s.commit(["artery"])
+    export_corrections(s, src, tmp_path / "train", patch=128)
+    shows = [bool(np.asarray(x.mask).any()) for x in load_arrays(load_dataset(tmp_path / "train"))]
+    assert sorted(shows) == [False, False, True, True]
+    reg = ModelRegistry(tmp_path / "models")
+    ft = finetune(tmp_path / "train", reg, shipped_checkpoint(), FinetuneConfig(epochs=1, threads=1))
+    ck = load_checkpoint(ft.path)
+    # two crops show the artery, too few to recalibrate it: the parent's cut stays
+    assert ck.thresholds["artery"] == parent.thresholds["artery"]
+    whole = [Sample(None, None, art, image=img, mask=truth > 0)]
+    _, before = evaluate_samples(parent, whole)
+    _, after = evaluate_samples(ck, whole)
+    assert before["mean_dice"] > 0.3 and after["mean_dice"] > 0.8 * before["mean_dice"], (before, after)

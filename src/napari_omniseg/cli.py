@@ -288,7 +288,8 @@ def _cal_args(p):
     p.add_argument("--split-file")
     p.add_argument("--split", default="train+val", help="split(s) of the first --data to use ('all' for every sample); "
                    "never the split you report scores on")
-    p.add_argument("--min-samples", type=int, default=4, help="tissues with fewer patches keep their threshold")
+    p.add_argument("--min-samples", type=int, default=4,
+                   help="tissues with fewer patches showing them keep their threshold (patches annotated empty do not vote)")
     p.add_argument("--hold-out-every", type=int, default=0, metavar="N",
                    help="leave out every N-th patch (by file name) of each further --data, as train_demo.py's option")
     p.add_argument("--out", "-o", required=True, help="new checkpoint (.safetensors): same weights, calibrated thresholds")

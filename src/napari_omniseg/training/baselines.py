@@ -344,18 +344,15 @@ def calibrate_baseline(method: "str | Baseline", model: nn.Module, samples: Sequ
                        min_samples: int = 4, device="cpu") -> dict:
     """Per-tissue thresholds for a baseline, chosen exactly as :func:`.calibrate.calibrate_thresholds`
     chooses Omni-Seg's (best mean Dice on ``samples`` over the same grid; tissues with fewer
-    than ``min_samples`` patches keep 0.5); {} for a method whose decision is an argmax."""
-    from .calibrate import GRID, pick_thresholds, threshold_table
+    than ``min_samples`` patches showing them keep 0.5); {} for a method whose decision is an argmax."""
+    from .calibrate import GRID, calibration_counts, pick_thresholds, threshold_table
 
     m = get_baseline(method) if isinstance(method, str) else method
     if not m.has_probability:  # an argmax: nothing to cut
         return {}
     samples = [s if s.image is not None else load_arrays([s])[0] for s in samples]
     probs = predict_baseline(m, model, samples, device=device, probabilities=True)
-    counts: dict = {}
-    for s in samples:
-        counts[s.tissue.name] = counts.get(s.tissue.name, 0) + 1
-    return pick_thresholds(threshold_table(probs, samples, GRID), counts, min_samples)
+    return pick_thresholds(threshold_table(probs, samples, GRID), calibration_counts(samples), min_samples)
 
 
 # --------------------------------------------------------------------------- training
