@@ -128,7 +128,7 @@ def run_one(method: str, seed: int, tr, va, te, a) -> list[dict]:
                       # steps of the current recipe stay off here (the comparison is like for like)
                       relations=False, balanced=False, object_crop=0.0,
                       # thresholds: calibrated below for every method alike, or not at all
-                      calibrate=a.calibrate)
+                      calibrate=a.calibrate, head_channels=a.head_channels)
 
     def prog(ev):
         if ev.get("phase") == "epoch":
@@ -431,6 +431,9 @@ def main(argv=None) -> int:
     p.add_argument("--calibrate", action="store_true",
                    help="every method's per-tissue thresholds chosen on the train + validation patches after "
                         "training (as `omniseg train` does for Omni-Seg; the multi-class argmax has none)")
+    p.add_argument("--head-channels", type=int, default=8,
+                   help="decoder output channels every method's head reads (Omni-Seg's generated heads, the "
+                        "baselines' 1x1 heads); 8 as the reference")
     p.add_argument("--infer-batch", type=int, default=8)
     p.add_argument("--infer-repeats", type=int, default=3)
     p.add_argument("--out-md", default="docs/comparison.md")

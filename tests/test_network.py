@@ -67,3 +67,34 @@ def test_config_round_trip():
     assert NetConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown architecture fields"):
         NetConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_wider_heads_are_real_conv_stacks_and_survive_a_checkpoint(tmp_path):
+    """head_channels was accepted by the checkpoint checks (1-64) but the head split was
+    fixed at 8 channels; a 16-channel model must build, compute each head as a
+    16 -> 16 -> 16 -> 2 conv stack and load back from its sidecar."""
+    from napari_omniseg.model import load_checkpoint, save_checkpoint
+    from napari_omniseg.model.network import head_split
+    from napari_omniseg.tissues import TISSUES
+
+    assert head_split(16) == (256, 256, 32, 16, 16, 2)
+    torch.manual_seed(0)
+    m = OmniSegNet(NetConfig(head_channels=16)).eval()
+    assert m.controller_weight.shape == (6, 4, 578, 256)
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        fmap, gap = m.features(x)
+        assert fmap.shape == (1, 16, 32, 32)
+        out = m(x, [2])
+        # the same head by hand: the pair's own vector (the image part starts at zero)
+        p = m.controller_pair_bias[2, m.cfg.tissue_scales[2]]
+        w1, w2, w3, b1, b2, b3 = torch.split(p, head_split(16))
+        h = torch.relu(torch.einsum("oc,chw->ohw", w1.reshape(16, 16), fmap[0]) + b1[:, None, None])
+        h = torch.relu(torch.einsum("oc,chw->ohw", w2.reshape(16, 16), h) + b2[:, None, None])
+        ref = torch.einsum("oc,chw->ohw", w3.reshape(2, 16), h) + b3[:, None, None]
+        torch.testing.assert_close(out[0], ref, rtol=1e-4, atol=1e-4)
+    path = save_checkpoint(m, tmp_path / "w16.safetensors", TISSUES)
+    back = load_checkpoint(path)
+    assert back.model.cfg.head_channels == 16
+    with torch.inference_mode():
+        torch.testing.assert_close(back.model.eval()(x, [2]), out)

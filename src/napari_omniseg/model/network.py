@@ -29,8 +29,16 @@ import torch.nn.functional as F
 from torch import nn
 
 HEAD_CHANNELS = 8
-#: sizes of the 162-vector, weights first then biases: W1, W2, W3, b1, b2, b3
-HEAD_SPLIT = (64, 64, 16, 8, 8, 2)
+
+
+def head_split(k: int = HEAD_CHANNELS) -> tuple[int, ...]:
+    """Sizes of one generated head's parameters for ``k`` feature channels, weights
+    first then biases: W1 (k x k), W2 (k x k), W3 (2 x k), b1, b2, b3."""
+    return (k * k, k * k, 2 * k, k, k, 2)
+
+
+#: the default head (8 channels): a 162-vector
+HEAD_SPLIT = head_split(HEAD_CHANNELS)
 N_HEAD_PARAMS = sum(HEAD_SPLIT)  # 162
 
 
@@ -162,9 +170,11 @@ class OmniSegNet(nn.Module):
             raise ValueError("tissue_scales must name one scale per tissue")
         self.backbone = Backbone(c)
         feat = c.widths[-1]
-        self.controller_weight = nn.Parameter(torch.empty(c.n_tissues, c.n_scales, N_HEAD_PARAMS, feat))
-        self.controller_bias = nn.Parameter(torch.zeros(N_HEAD_PARAMS))
-        self.controller_pair_bias = nn.Parameter(torch.empty(c.n_tissues, c.n_scales, N_HEAD_PARAMS))
+        self.head_split = head_split(c.head_channels)
+        n_params = sum(self.head_split)
+        self.controller_weight = nn.Parameter(torch.empty(c.n_tissues, c.n_scales, n_params, feat))
+        self.controller_bias = nn.Parameter(torch.zeros(n_params))
+        self.controller_pair_bias = nn.Parameter(torch.empty(c.n_tissues, c.n_scales, n_params))
         if c.pool_norm not in ("none", "unit"):
             raise ValueError(f"unknown pool_norm {c.pool_norm!r} (use 'none' or 'unit')")
         if c.controller_init == "uniform":
@@ -181,7 +191,7 @@ class OmniSegNet(nn.Module):
             raise ValueError(f"unknown controller_init {c.controller_init!r} (use 'uniform' or 'head')")
 
     def _init_as_conv_heads(self) -> None:
-        """Image part zero; each pair's 162-vector a He-initialised 8 -> 8 -> 8 -> 2 conv stack.
+        """Image part zero; each pair's vector a He-initialised k -> k -> k -> 2 conv stack (k = 8 by default).
 
         With the reference's init the three-layer head shrinks the signal at every layer
         (its output is nearly constant over the pixels) and the image-dependent part is
@@ -216,7 +226,7 @@ class OmniSegNet(nn.Module):
 
     # -- the cheap, tissue-specific part -------------------------------------------
     def head_params(self, gap: torch.Tensor, tissues: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        """Controller: gap N x 256, tissues and scales N x T (ints) -> N x T x 162."""
+        """Controller: gap N x 256, tissues and scales N x T (ints) -> N x T x P (P = 162 for 8 channels)."""
         w = self.controller_weight[tissues, scales]  # N x T x 162 x 256
         return torch.einsum("ntpf,nf->ntp", w, self.pooled(gap)) + self.controller_pair_bias[tissues, scales] + self.controller_bias
 
@@ -245,7 +255,7 @@ class OmniSegNet(nn.Module):
             if s.ndim == 1:
                 s = s.unsqueeze(0).expand(n, -1)
         params = self.head_params(gap.float(), t, s).to(fmap.dtype)
-        w1, w2, w3, b1, b2, b3 = torch.split(params, HEAD_SPLIT, dim=-1)
+        w1, w2, w3, b1, b2, b3 = torch.split(params, self.head_split, dim=-1)
         k = self.cfg.head_channels
         nt = t.shape[1]
         w1 = w1.reshape(n, nt, k, k)

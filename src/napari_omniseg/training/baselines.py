@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.checkpoint import all_finite
-from ..model.network import Backbone, NetConfig, fg_probability, foreground
+from ..model.network import HEAD_CHANNELS, Backbone, NetConfig, fg_probability, foreground
 from ..tissues import TISSUES, Tissue
 from .data import Sample, load_arrays
 from .loop import TrainConfig, TrainingError, _batch_tensors, _device, _make_optimizer, _pad_to, lr_at, make_batches
@@ -279,17 +279,20 @@ def get_baseline(name: str) -> Baseline:
         raise KeyError(f"unknown baseline {name!r}; choose from {sorted(BASELINES)}") from None
 
 
-def net_config(tissues: Sequence[Tissue] = TISSUES) -> NetConfig:
-    """The architecture Omni-Seg gets for these tissues (as :func:`new_checkpoint` builds it)."""
-    return NetConfig(n_tissues=len(tissues), tissue_scales=tuple(t.scale_id for t in tissues))
+def net_config(tissues: Sequence[Tissue] = TISSUES, head_channels: int = HEAD_CHANNELS) -> NetConfig:
+    """The architecture Omni-Seg gets for these tissues (as :func:`new_checkpoint` builds it);
+    ``head_channels``: the decoder's output channels, which every head reads."""
+    return NetConfig(n_tissues=len(tissues), tissue_scales=tuple(t.scale_id for t in tissues),
+                     head_channels=head_channels)
 
 
-def build_model(method: "str | Baseline", tissues: Sequence[Tissue] = TISSUES, seed: int | None = None) -> nn.Module:
+def build_model(method: "str | Baseline", tissues: Sequence[Tissue] = TISSUES, seed: int | None = None,
+                head_channels: int = HEAD_CHANNELS) -> nn.Module:
     """A freshly initialised baseline network (seeded like :func:`new_checkpoint`)."""
     m = get_baseline(method) if isinstance(method, str) else method
     if seed is not None:
         torch.manual_seed(seed)
-    return m.build(net_config(tissues))
+    return m.build(net_config(tissues, head_channels))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -398,7 +401,7 @@ def train_baseline(
     if not train_samples:
         raise TrainingError("no training samples")
 
-    model = build_model(m, tissues, seed=cfg.seed).to(dev)
+    model = build_model(m, tissues, seed=cfg.seed, head_channels=cfg.head_channels).to(dev)
     optim = _make_optimizer(model, cfg)
     # selection units: the whole model, or one network per tissue
     per_tissue = m.per_tissue_selection if per_tissue_selection is None else bool(per_tissue_selection)

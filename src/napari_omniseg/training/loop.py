@@ -98,6 +98,9 @@ class TrainConfig:
     #: after training, choose each tissue's decision threshold on the training and
     #: validation patches (training/calibrate.py); False keeps the parent's (or 0.5)
     calibrate: bool = True
+    #: a model trained from scratch: the decoder's output channels every generated head
+    #: reads (8 as the reference; ignored when fine-tuning, the parent's architecture stays)
+    head_channels: int = 8
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -386,7 +389,13 @@ def train(
     if not train_samples:
         raise TrainingError("no training samples")
 
-    ckpt = init if init is not None else new_checkpoint(tissues, seed=cfg.seed)
+    if init is not None:
+        ckpt = init
+    else:
+        from ..model.network import NetConfig
+
+        ckpt = new_checkpoint(tissues, cfg=NetConfig(n_tissues=len(tissues), head_channels=cfg.head_channels,
+                                                     tissue_scales=tuple(t.scale_id for t in tissues)), seed=cfg.seed)
     # the anatomy relations: the checkpoint's tissues plus the registry's (an older
     # checkpoint's tissue definitions may lack some)
     rel_tissues = with_registry_relations(ckpt.tissues)
