@@ -118,7 +118,7 @@ def test_calibrate_scores_the_same_networks_both_ways(cm, method, demo_dir):
     s = load_arrays(select(load_dataset(demo_dir), "train", tissues=["glomerular_unit"])[:2])
     pats = [dataclasses.replace(p, image=p.image[96:160, 96:160].copy(), mask=p.mask[96:160, 96:160].copy()) for p in s]
     a = types.SimpleNamespace(epochs=1, crop=32, batch_size=2, optimizer="adamw", lr=3e-3, threads=1, val_every=1,
-                              calibrate=True, selection="mean", infer_batch=2, infer_repeats=1)
+                              calibrate=True, selection="mean", infer_batch=2, infer_repeats=1, head_channels=8)
     recs = cm.run_one(method, 0, pats[:1], pats[1:], pats, a)
     assert [r["history"]["calibrated"] for r in recs] == [False, True]
     assert recs[0]["history"]["thresholds"] == {}
