@@ -171,8 +171,9 @@ def _dropout(image, rng, cfg):
 
 
 def strong_augment() -> AugmentConfig:
-    """The colour-robust setting the shipped model is trained with: strong stain changes,
-    saturation and grey images, coarse dropout (the defaults are the reference's mild ones)."""
+    """The colour-robust setting ``omniseg train`` uses unless told ``--mild-augment``: strong
+    stain changes, saturation and grey images, coarse dropout (the defaults are the reference's
+    mild ones, with which the shipped model was trained)."""
     return AugmentConfig(p_color=0.8, p_strong_stain=0.5, saturation=0.3, p_grey=0.1, p_dropout=0.3)
 
 
