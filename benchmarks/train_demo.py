@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     p.add_argument("--defocus", type=float, default=0.0, metavar="P",
                    help="lever on: with probability P a loss of sharpness (blur sigma 0.5-2 px, or shrink 1.5-3x "
                         "and enlarge back), so a softer scan does not hide what the heads look for")
+    p.add_argument("--lab-transfer", type=float, default=0.0, metavar="P",
+                   help="lever on: with probability P the patch's tissue colours moved (Reinhard, CIELAB) to "
+                        "colour statistics drawn from the spread of the training images' own")
     p.add_argument("--negatives", type=int, default=0, metavar="K",
                    help="lever on: K extra batches per head and epoch of patches labelled for a tissue the head "
                         "excludes, resampled to its magnification (training/negatives.py)")
@@ -107,6 +110,7 @@ def main(argv=None) -> int:
     aug = AugmentConfig() if ((ref and not a.strong_color) or a.mild_color) else strong_augment()
     aug.p_zoom = a.zoom
     aug.p_defocus = a.defocus
+    aug.p_lab_transfer = a.lab_transfer
     cfg = TrainConfig(epochs=a.epochs, crop=a.crop, batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr,
                       seed=a.seed, device=a.device, threads=a.threads, val_every=a.val_every, aug=aug,
                       relations=not (ref or a.no_relations), object_crop=0.0 if (ref or a.no_object_crop) else 0.7,

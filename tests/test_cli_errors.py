@@ -125,7 +125,8 @@ def test_train_with_negatives_from_the_command_line(demo_dir, tmp_path):
     which labelled tissue; a zoom that is not a probability is refused."""
     out = tmp_path / "neg.safetensors"
     r = _cli("train", "--data", demo_dir, "--epochs", "1", "--crop", "64", "--batch-size", "2", "--val-split", "none",
-             "--test-split", "none", "--negatives", "1", "--zoom", "0.5", "--defocus", "0.3", "--threads", "1", "--out", out,
+             "--test-split", "none", "--negatives", "1", "--zoom", "0.5", "--defocus", "0.3", "--lab-transfer", "0.5", "--threads", "1",
+             "--out", out,
              "-q")
     assert r.returncode == 0, r.stderr[-2000:]
     from napari_omniseg.model import load_checkpoint
@@ -133,11 +134,16 @@ def test_train_with_negatives_from_the_command_line(demo_dir, tmp_path):
     prov = load_checkpoint(out).provenance
     assert prov["train_config"]["aug"]["p_zoom"] == 0.5 and prov["train_config"]["cross_scale_negatives"] == 1
     assert prov["train_config"]["aug"]["p_defocus"] == 0.3
+    # the colour transfer's targets come from the training patches' own colours
+    aug = prov["train_config"]["aug"]
+    assert aug["p_lab_transfer"] == 0.5 and len(aug["lab_stats"]) == 12 and 20 < aug["lab_stats"][0] < 95
     got = prov["cross_scale_negatives"]
     assert set(got["glomerular_unit"]) >= {"artery", "distal_tubule", "proximal_tubule"}
     assert set(got["distal_tubule"]) >= {"glomerular_unit"} and "peritubular_capillary" not in got
     bad = _cli("train", "--data", demo_dir, "--zoom", "2", "--out", tmp_path / "x.safetensors")
     assert bad.returncode == 2 and "--zoom is a probability" in bad.stderr and not (tmp_path / "x.safetensors").exists()
+    bad = _cli("train", "--data", demo_dir, "--lab-transfer", "1.5", "--out", tmp_path / "x.safetensors")
+    assert bad.returncode == 2 and "--lab-transfer is a probability" in bad.stderr and not (tmp_path / "x.safetensors").exists()
     bad = _cli("train", "--data", demo_dir, "--defocus", "-0.1", "--out", tmp_path / "x.safetensors")
     assert bad.returncode == 2 and "--defocus is a probability" in bad.stderr and not (tmp_path / "x.safetensors").exists()
 

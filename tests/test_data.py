@@ -182,6 +182,49 @@ def test_defocus_softens_the_image_keeps_the_mask_and_is_off_by_default():
     assert np.array_equal(a1, a2) and np.array_equal(m1, m2)
 
 
+def test_colour_transfer_moves_real_patches_to_other_slides_colours_and_leaves_glass(demo_dir):
+    """Real demo patches of two stains: a PAS patch recoloured with statistics drawn
+    around the silver patches' own lands near them in CIELAB; glass stays glass."""
+    from skimage.color import rgb2lab
+
+    from napari_omniseg.training.augment import AugmentConfig, _lab_transfer, _tissue_lab, lab_statistics
+
+    rng = np.random.default_rng
+    s = load_arrays(select(load_dataset(demo_dir), ["train", "val", "test"]))
+    pas = [x.image for x in s if x.stain == "pas"]
+    sil = [x.image for x in s if x.stain == "sil"]
+    assert pas and sil
+    st_sil = lab_statistics(sil)
+    assert len(st_sil) == 12 and all(np.isfinite(st_sil)) and min(st_sil[3:6]) > 0
+    # a patch with glass: a white block pasted into a PAS patch
+    img = pas[0].astype(np.float32) / 255.0
+    img[:40, :40] = 0.97
+    lab0, t0 = _tissue_lab(img)
+    assert not t0[:40, :40].any()
+    # drawn with zero spread over images, the target is exactly the silver mean: the
+    # tissue pixels' CIELAB mean moves there from far away
+    exact = tuple(st_sil[:6]) + (0.0,) * 6
+    out = _lab_transfer(img, rng(0), exact)
+    assert out.shape == img.shape and out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1
+    before = lab0[t0].mean(0)
+    after = rgb2lab(out)[t0].mean(0)
+    target = np.array(st_sil[:3])
+    assert np.linalg.norm(after - target) < 0.35 * np.linalg.norm(before - target), (before, after, target)
+    assert np.allclose(out[:40, :40], img[:40, :40], atol=0.01)  # glass untouched
+    # seeded: the same generator state gives the same colours; different draws differ
+    st_all = lab_statistics(pas + sil)
+    a = _lab_transfer(img, rng(1), st_all)
+    assert np.array_equal(a, _lab_transfer(img, rng(1), st_all)) and not np.array_equal(a, _lab_transfer(img, rng(2), st_all))
+    # off by default (p = 0 or no statistics): augment() draws nothing more
+    msk = s[0].mask
+    base = augment(img, msk, rng(3))
+    for cfg in (AugmentConfig(p_lab_transfer=0.0, lab_stats=st_all), AugmentConfig(p_lab_transfer=1.0)):
+        o = augment(img, msk, rng(3), cfg)
+        assert np.array_equal(base[0], o[0]) and np.array_equal(base[1], o[1])
+    on = augment(img, msk, rng(3), AugmentConfig(p_lab_transfer=1.0, lab_stats=st_all))
+    assert not np.array_equal(base[0], on[0])
+
+
 def test_two_processes_appending_to_one_manifest_keep_every_row(tmp_path):
     """Real concurrent processes: 2 x 100 appends, none lost."""
     import subprocess

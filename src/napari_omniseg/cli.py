@@ -145,6 +145,10 @@ def _train_args(p):
     p.add_argument("--zoom", type=float, default=0.0, metavar="P",
                    help="with probability P, zoom each training image by 0.45-1.3 (log-uniform), so structures are also "
                         "seen smaller or larger than at their magnification (e.g. mouse glomeruli); default 0")
+    p.add_argument("--lab-transfer", type=float, default=0.0, metavar="P",
+                   help="colour transfer: with probability P a patch's tissue colours are moved (CIELAB) to "
+                        "colours drawn from the spread of the training images' own, so one slide's or lab's "
+                        "colours do not become the model's notion of a tissue (default 0: off)")
     p.add_argument("--defocus", type=float, default=0.0, metavar="P",
                    help="with probability P, make each training image less sharp (blur sigma 0.5-2 px, or shrink 1.5-3x "
                         "and enlarge back), so softer scans from another scanner or focus are still read; default 0")
@@ -172,6 +176,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     if not 0.0 <= a.zoom <= 1.0:
         print(f"error: --zoom is a probability (0-1), got {a.zoom}", file=sys.stderr)
         return 2
+    if not 0.0 <= a.lab_transfer <= 1.0:
+        print(f"error: --lab-transfer is a probability (0-1), got {a.lab_transfer}", file=sys.stderr)
+        return 2
     if not 0.0 <= a.defocus <= 1.0:
         print(f"error: --defocus is a probability (0-1), got {a.defocus}", file=sys.stderr)
         return 2
@@ -197,6 +204,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         cfg.lr = a.lr
     cfg.aug.p_zoom = a.zoom
     cfg.aug.p_defocus = a.defocus
+    cfg.aug.p_lab_transfer = a.lab_transfer
     init = load_checkpoint(a.init) if a.init else None
     n_steps = steps_per_epoch(tr, cfg) * a.epochs
     bar = _Bar(n_steps, "train", a.quiet)

@@ -12,6 +12,12 @@ Each group is applied with its own probability (0.5 by default, as in Omni-Seg):
 - colour: stain jitter in haematoxylin-eosin-DAB space (per-stain scale and shift),
   gamma and brightness;
 - noise: Gaussian blur (sigma <= 1) and additive Gaussian noise;
+- colour transfer (off by default): with its own probability, the tissue pixels'
+  CIELAB mean and spread are moved (Reinhard) to values drawn from the spread of the
+  training images' own colour statistics (``lab_stats``, from :func:`lab_statistics`),
+  so a patch is also seen in the colours of another slide or lab of the training set
+  and between them (the idea of random stain normalisation, RandStainNA, Shen et al.
+  2022);
 - defocus (off by default): with its own probability, a loss of sharpness as another
   scanner, focus or resampling gives it: a Gaussian blur with sigma 0.5-2 px, or the
   image shrunk by 1.5-3x and enlarged back (bilinear), half the time each.  The
@@ -28,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.color import hed2rgb, rgb2hed
+from skimage.color import hed2rgb, lab2rgb, rgb2hed, rgb2lab
 from skimage.transform import AffineTransform, resize, warp
 
 
@@ -61,6 +67,11 @@ class AugmentConfig:
     p_defocus: float = 0.0
     defocus_sigma: tuple[float, float] = (0.5, 2.0)
     defocus_factor: tuple[float, float] = (1.5, 3.0)
+    #: colour transfer: probability, and the training images' CIELAB statistics as 12
+    #: numbers (mean over images of the tissue's L, a, b mean and of its L, a, b spread,
+    #: then the standard deviation over images of the same six); None = off
+    p_lab_transfer: float = 0.0
+    lab_stats: tuple[float, ...] | None = None
     gamma: tuple[float, float] = (0.6, 1.6)
     brightness: float = 0.1
     blur_sigma: float = 1.0
@@ -79,6 +90,8 @@ def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, cfg: 
         image, mask = _affine(image, mask, rng, cfg)
     if cfg.p_zoom > 0 and rng.random() < cfg.p_zoom:
         image, mask = _zoom(image, mask, float(np.exp(rng.uniform(*np.log(cfg.zoom)))))
+    if cfg.p_lab_transfer > 0 and cfg.lab_stats is not None and rng.random() < cfg.p_lab_transfer:
+        image = _lab_transfer(image, rng, cfg.lab_stats)
     if rng.random() < cfg.p_color:
         image = _color(image, rng, cfg)
     if cfg.p_defocus > 0 and rng.random() < cfg.p_defocus:
@@ -138,6 +151,50 @@ def _color(image, rng, cfg):
         image = grey + (image - grey) * np.float32(f)
     image = np.clip(image, 0, 1) ** rng.uniform(*cfg.gamma)
     return image + rng.uniform(-cfg.brightness, cfg.brightness)
+
+
+#: a pixel is tissue when its darkest channel is below this (glass is left as it is)
+TISSUE_DARKEST = 215 / 255
+
+
+def _tissue_lab(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(CIELAB image, tissue mask) of a float [0, 1] or uint8 RGB image; the whole image
+    counts as tissue when fewer than 100 pixels are."""
+    img = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else np.clip(image, 0, 1)
+    tissue = img.min(axis=2) < TISSUE_DARKEST
+    if tissue.sum() < 100:
+        tissue = np.ones(tissue.shape, bool)
+    return rgb2lab(img), tissue
+
+
+def lab_statistics(images) -> tuple[float, ...]:
+    """The 12 numbers ``AugmentConfig.lab_stats`` holds, from RGB images (uint8 or float):
+    per image the CIELAB mean and standard deviation of its tissue pixels, then their
+    mean and standard deviation over the images."""
+    per = []
+    for im in images:
+        lab, t = _tissue_lab(np.asarray(im)[..., :3])
+        px = lab[t]
+        per.append(np.concatenate([px.mean(0), px.std(0)]))
+    per = np.asarray(per, dtype=np.float64)
+    return tuple(float(v) for v in np.concatenate([per.mean(0), per.std(0)]))
+
+
+def _lab_transfer(image, rng, stats):
+    """Reinhard: the tissue pixels' CIELAB mean and spread moved to a drawn target."""
+    st = np.asarray(stats, dtype=np.float64)
+    mu_t = rng.normal(st[0:3], st[6:9])
+    sd_t = np.maximum(rng.normal(st[3:6], st[9:12]), 0.25 * st[3:6])
+    lab, t = _tissue_lab(image)
+    px = lab[t]
+    mu, sd = px.mean(0), px.std(0) + 1e-6
+    lab[t] = (px - mu) / sd * sd_t + mu_t
+    lab[..., 0] = np.clip(lab[..., 0], 0, 100)
+    import warnings
+
+    with warnings.catch_warnings():  # out-of-gamut colours are clipped, as intended
+        warnings.simplefilter("ignore")
+        return lab2rgb(lab).astype(np.float32)
 
 
 def _noise(image, rng, cfg):

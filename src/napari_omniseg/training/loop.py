@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -31,7 +31,7 @@ import torch
 from ..model.checkpoint import Checkpoint, all_finite, atomic_write_bytes, new_checkpoint, save_checkpoint
 from ..model.network import foreground
 from ..tissues import TISSUES, Tissue, exclusive, with_registry_relations
-from .augment import AugmentConfig, augment, object_crop, random_crop
+from .augment import AugmentConfig, augment, lab_statistics, object_crop, random_crop
 from .data import Sample, load_arrays
 from .losses import dice_bce_loss, partial_label_loss, ring_weight
 from .negatives import MAX_FACTOR, MIN_FACTOR, cross_scale_negatives, negative_batches
@@ -399,6 +399,9 @@ def train(
     # the anatomy relations: the checkpoint's tissues plus the registry's (an older
     # checkpoint's tissue definitions may lack some)
     rel_tissues = with_registry_relations(ckpt.tissues)
+    if cfg.augment and cfg.aug.p_lab_transfer > 0 and cfg.aug.lab_stats is None:
+        # colour transfer draws its targets from the training images' own colours
+        cfg = replace(cfg, aug=replace(cfg.aug, lab_stats=lab_statistics([s.image for s in train_samples])))
     targets = build_targets(train_samples, rel_tissues) if cfg.relations else None
     negs = cross_scale_negatives(train_samples, rel_tissues) if cfg.cross_scale_negatives else []
     model = ckpt.model.to(dev)
