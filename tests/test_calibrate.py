@@ -13,7 +13,13 @@ from napari_omniseg.inference.engine import EngineConfig, Segmenter, segment_reg
 from napari_omniseg.model import CheckpointError, load_checkpoint, new_checkpoint, save_checkpoint, shipped_checkpoint
 from napari_omniseg.slides import ImageSlide
 from napari_omniseg.tissues import get_tissue
-from napari_omniseg.training.calibrate import calibration_counts, pick_thresholds, threshold_table
+from napari_omniseg.training.calibrate import (
+    calibration_counts,
+    negative_table,
+    penalised_table,
+    pick_thresholds,
+    threshold_table,
+)
 from napari_omniseg.training.data import Sample, load_arrays, load_dataset, select
 from napari_omniseg.training.loop import evaluate_samples, predict_samples
 
@@ -121,3 +127,78 @@ def test_calibrate_cli_finds_the_distal_tubule_on_real_patches(tmp_path):
     assert after["per_tissue"]["distal_tubule"]["dice"] > before["per_tissue"]["distal_tubule"]["dice"] + 0.1
     for t, v in after["per_tissue"].items():
         assert v["dice"] >= before["per_tissue"][t]["dice"] - 0.006, t
+
+
+def test_counting_negatives_raises_a_cut_that_marks_excluded_structures():
+    """Hand-made: an under-confident head (0.3 on its object) that also gives 0.25 to
+    an excluded structure. By Dice alone the cut is 0.2 and marks all of that
+    structure; paying for the marked share moves it to 0.25, which keeps the object and
+    leaves the structure alone."""
+    yy, xx = np.mgrid[:64, :64]
+    disk = (yy - 32) ** 2 + (xx - 32) ** 2 < 15**2
+    prob = np.where(disk, 0.3, 0.1).astype(np.float32)
+    s = _sample("glomerular_unit", disk)
+    table = threshold_table([prob] * 4, [s] * 4)
+    neg = {"glomerular_unit": {th: (1.0 if th < 0.25 else 0.0) for th in table["glomerular_unit"]}}
+    # a plain pick (ties go to the cut nearest 0.5) takes 0.25 here; make the Dice favour 0.2
+    table["glomerular_unit"][0.2] = 1.0
+    table["glomerular_unit"][0.25] = 0.98
+    assert pick_thresholds(table, {"glomerular_unit": 4}) == {"glomerular_unit": 0.2}
+    pen = penalised_table(table, neg)
+    assert pen["glomerular_unit"][0.2] == pytest.approx(0.0) and pen["glomerular_unit"][0.25] == pytest.approx(0.98)
+    assert pick_thresholds(pen, {"glomerular_unit": 4}) == {"glomerular_unit": 0.25}
+    # a tissue without negatives keeps its Dice
+    assert penalised_table({"artery": {0.5: 0.7}}, neg) == {"artery": {0.5: 0.7}}
+
+
+def test_negative_table_measures_the_share_a_real_head_marks(demo_dir):
+    """The shipped model on real negatives (demo patches of tissues that exclude the
+    glomerular unit, resampled to 5x): the share marked falls as the cut rises, lies in
+    [0, 1], and only the excluded structure's pixels count."""
+    from napari_omniseg.tissues import with_registry_relations
+    from napari_omniseg.training.negatives import cross_scale_negatives
+
+    ck = load_checkpoint(shipped_checkpoint())
+    s = load_arrays(select(load_dataset(demo_dir), ["train", "val", "test"]))
+    negs = [n for n in cross_scale_negatives(s, with_registry_relations(ck.tissues)) if n.tissue.name == "glomerular_unit"]
+    assert negs
+    negs = negs[:4]
+    grid = (0.05, 0.5, 0.9)
+    tab = negative_table(ck, negs, grid)
+    row = tab["glomerular_unit"]
+    assert 0.0 <= row[0.9] <= row[0.5] <= row[0.05] <= 1.0
+    # only the excluded structure's pixels are known: a negative without any counts for nothing
+    import copy
+
+    empty = copy.copy(negs[0])
+    empty.target = np.full_like(negs[0].target, -1)
+    assert negative_table(ck, [empty], grid) == {}
+
+
+def test_calibrate_cli_counting_negatives_on_real_patches(tmp_path):
+    """`omniseg calibrate --count-negatives` as a user runs it on the 23 bundled real
+    patches: the sidecar says how the cuts were chosen and holds the penalised table,
+    and no cut is lower than the Dice-only cut by more than the tie rule allows."""
+    from conftest import _write_mini_demo
+
+    from napari_omniseg.training.calibrate import probability_maps
+
+    data = _write_mini_demo(tmp_path / "patches")
+    out = tmp_path / "cal-neg.safetensors"
+    r = subprocess.run([sys.executable, "-m", "napari_omniseg", "calibrate", "-c", str(shipped_checkpoint()),
+                        "-d", str(data), "--split", "all", "--min-samples", "3", "--device", "cpu",
+                        "--count-negatives", "-o", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "Dice - marked share" in r.stdout and f"wrote {out}" in r.stdout
+    cal = load_checkpoint(out).provenance["calibration"]
+    assert cal["count_negatives"] is True and "dice_by_threshold" not in cal
+    pen = cal["dice_minus_marked_by_threshold"]
+    # the glomerular unit has negatives (tubules and arteries at 5x): its penalised
+    # score lies below its plain Dice at low cuts, where the head marks most
+    samples = load_arrays(select(load_dataset(data), None))
+    ck = load_checkpoint(shipped_checkpoint())
+    plain = threshold_table(probability_maps(ck, samples), samples)
+    assert pen["glomerular_unit"]["0.05"] < plain["glomerular_unit"][0.05] - 0.01
+    for t, row in pen.items():
+        for k, v in row.items():
+            assert v <= plain[t][float(k)] + 1e-4, (t, k)

@@ -296,6 +296,9 @@ def _cal_args(p):
     p.add_argument("--split-file")
     p.add_argument("--split", default="train+val", help="split(s) of the first --data to use ('all' for every sample); "
                    "never the split you report scores on")
+    p.add_argument("--count-negatives", action="store_true",
+                   help="each cut also pays for the share of other tissues' labelled structures it marks (those the "
+                        "registry says exclude the tissue, resampled to its magnification): Dice minus that share")
     p.add_argument("--min-samples", type=int, default=4,
                    help="tissues with fewer patches showing them keep their threshold (patches annotated empty do not vote)")
     p.add_argument("--hold-out-every", type=int, default=0, metavar="N",
@@ -326,14 +329,17 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     if not sel:
         print(f"error: no samples in split {a.split!r}", file=sys.stderr)
         return 2
-    th, table = calibrate_thresholds(ck, sel, min_samples=a.min_samples, device=a.device)
+    th, table = calibrate_thresholds(ck, sel, min_samples=a.min_samples, device=a.device, negatives=a.count_negatives)
     prov = dict(ck.provenance, calibrated_from=ck.version, calibration={
         "data": [str(d) for d in a.data], "split": a.split, "n": len(sel), "command": " ".join(sys.argv),
-        "dice_by_threshold": {t: {str(k): round(v, 4) for k, v in row.items()} for t, row in table.items()}})
+        "count_negatives": bool(a.count_negatives),
+        ("dice_minus_marked_by_threshold" if a.count_negatives else "dice_by_threshold"):
+            {t: {str(k): round(v, 4) for k, v in row.items()} for t, row in table.items()}})
     dtype = torch.float16 if str(read_dtype(path)) == "float16" else torch.float32
     save_checkpoint(ck.model, a.out, ck.tissues, normalization=ck.normalization, provenance=prov,
                     metrics=ck.metrics, dtype=dtype, thresholds=th)
     print(f"{path.name}: {len(sel)} patches")
+    what = "Dice - marked share" if a.count_negatives else "Dice"
     for t in ck.tissues:
         row = table.get(t.name)
         old = ck.threshold(t.name)
@@ -341,8 +347,8 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
             print(f"  {t.name:<24} no patches: threshold {old:.2f} kept")
             continue
         new = th.get(t.name, old)
-        print(f"  {t.name:<24} threshold {old:.2f} -> {new:.2f}   Dice {row.get(old, float('nan')):.3f} -> {row[new]:.3f}"
-              if old in row else f"  {t.name:<24} threshold {old:.2f} -> {new:.2f}   Dice {row[new]:.3f}")
+        print(f"  {t.name:<24} threshold {old:.2f} -> {new:.2f}   {what} {row.get(old, float('nan')):.3f} -> {row[new]:.3f}"
+              if old in row else f"  {t.name:<24} threshold {old:.2f} -> {new:.2f}   {what} {row[new]:.3f}")
     print(f"wrote {a.out}")
     return 0
 

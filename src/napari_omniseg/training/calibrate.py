@@ -12,6 +12,13 @@ evaluation, the demo). Training calibrates them on its own training and validati
 patches; a tissue with fewer than ``min_samples`` patches that show it keeps its
 previous threshold (or 0.5).
 
+Optionally (``negatives=True``; ``omniseg calibrate --count-negatives``) the cut also
+pays for firing where the tissue cannot be: the labelled patches of tissues the
+registry says exclude it, resampled to its magnification (the negatives of
+:mod:`.negatives`). Each cut then scores its mean Dice minus the mean share of those
+excluded structures' pixels it marks, so a head that is under-confident on its own
+tissue is not cut so low that it marks tubules or arteries as well.
+
 Only patches whose annotation contains the tissue vote. A patch annotated as empty
 (an exported correction where the pathologist erased the tissue) scores Dice 1 for
 any cut high enough to mark nothing, so a few of them outvote the patches that
@@ -75,6 +82,38 @@ def threshold_table(probs: Sequence[np.ndarray], samples: Sequence[Sample], grid
     return {t: {th: float(np.mean(v)) for th, v in row.items()} for t, row in acc.items()}
 
 
+def negative_table(ckpt, negatives: Sequence, grid: Sequence[float] = GRID, device="cpu") -> dict:
+    """tissue name -> {threshold: mean over its negatives of the share of the excluded
+    structure's pixels the head marks at that cut}."""
+    import torch
+
+    from ..model.network import fg_probability
+    from .loop import _device, _pad_to
+
+    dev = _device(device) if isinstance(device, str) else device
+    model = ckpt.model.to(dev).eval()
+    acc: dict = {}
+    with torch.inference_mode():
+        for n in negatives:
+            h, w = n.target.shape
+            x = torch.from_numpy(np.ascontiguousarray(n.image)[None]).permute(0, 3, 1, 2).to(dev)
+            x, _ = _pad_to(ckpt.normalize(x), ckpt.model.cfg.divisor)
+            p = fg_probability(model(x, [n.tissue.id]).float())[0, :h, :w].cpu().numpy()
+            q = p[n.target == 0]
+            if q.size == 0:
+                continue
+            row = acc.setdefault(n.tissue.name, {th: [] for th in grid})
+            for th in grid:
+                row[th].append(float((q > th).mean()))
+    return {t: {th: float(np.mean(v)) for th, v in row.items()} for t, row in acc.items()}
+
+
+def penalised_table(table: dict, neg: dict) -> dict:
+    """Dice minus the share of excluded structures marked, per tissue and cut (tissues
+    without negatives keep their Dice)."""
+    return {t: {th: d - neg.get(t, {}).get(th, 0.0) for th, d in row.items()} for t, row in table.items()}
+
+
 def calibration_counts(samples: Sequence[Sample]) -> dict:
     """tissue name -> number of patches whose annotation contains that tissue (the
     patches that vote in :func:`threshold_table`)."""
@@ -99,9 +138,18 @@ def pick_thresholds(table: dict, counts: dict, min_samples: int = 4, previous: d
 
 
 def calibrate_thresholds(ckpt, samples: Sequence[Sample], *, min_samples: int = 4, grid: Sequence[float] = GRID,
-                         device="cpu") -> tuple[dict, dict]:
-    """Thresholds for ``ckpt`` from labelled ``samples``: (thresholds, per-tissue table)."""
+                         device="cpu", negatives: bool = False) -> tuple[dict, dict]:
+    """Thresholds for ``ckpt`` from labelled ``samples``: (thresholds, per-tissue table).
+
+    With ``negatives`` the cuts also pay for marking other tissues' labelled structures
+    (module docstring); the table is then the penalised score."""
     samples = [s if s.image is not None else load_arrays([s])[0] for s in samples]
     probs = probability_maps(ckpt, samples, device=device)
     table = threshold_table(probs, samples, grid)
+    if negatives:
+        from ..tissues import with_registry_relations
+        from .negatives import cross_scale_negatives
+
+        negs = cross_scale_negatives(samples, with_registry_relations(ckpt.tissues))
+        table = penalised_table(table, negative_table(ckpt, negs, grid, device=device))
     return pick_thresholds(table, calibration_counts(samples), min_samples, ckpt.thresholds), table
