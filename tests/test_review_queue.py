@@ -140,3 +140,41 @@ def test_segment_stores_scores_and_suggest_ranks_them(tmp_path, demo_dir):
     assert len(fc["features"]) == len(sugs)
     r = _cli("suggest", out, "-n", "3")
     assert r.returncode == 0 and r.stdout.splitlines()[0].split()[:2] == ["rank", "tissue"]
+
+
+def test_glass_the_engine_clears_never_heads_the_queue(tmp_path, demo_dir):
+    """A head that sits on its threshold everywhere (probability 0.5) is maximally unsure on glass too;
+    the engine clears that glass to background, so its blocks score as certain and the queue's
+    regions all lie on the tissue."""
+    from napari_omniseg.model import new_checkpoint, save_checkpoint
+    from napari_omniseg.slides import write_ome_tiff_pyramid
+    from napari_omniseg.training.data import load_arrays, load_dataset, select
+
+    ck = new_checkpoint(seed=0)
+    with torch.no_grad():  # no head parameters: logit 0, probability 0.5 on every pixel
+        for p in (ck.model.controller_weight, ck.model.controller_bias, ck.model.controller_pair_bias):
+            p.zero_()
+    ckpt = save_checkpoint(ck.model, tmp_path / "flat.safetensors")
+    s = load_arrays([x for x in select(load_dataset(demo_dir), None) if x.tissue.magnification == 10][:1])
+    img = np.full((512, 768, 3), 245, np.uint8)  # glass, a little grey as scanners give it
+    img[0:256, 0:256] = s[0].image
+    slide = tmp_path / "glass.ome.tif"
+    write_ome_tiff_pyramid(slide, img, mpp=1.0, n_levels=1, tile=128)
+    out = tmp_path / "seg.ome.zarr"
+    r = _cli("segment", slide, "-o", out, "-c", ckpt, "--tissues", "pt", "--tile", "64", "--margin", "16", "-q")
+    assert r.returncode == 0, r.stderr
+    a = np.asarray(LabelStore(out).root["review"]["proximal_tubule"][...])  # (rows, cols, fields), 64 px blocks
+    ent = a[..., 0]
+    assert np.isfinite(ent[:4, :4]).all() and ent[:4, :4].min() > 0.5  # on the tissue the head is unsure
+    glass = np.zeros(ent.shape, bool)
+    glass[5:, :] = glass[:, 5:] = True  # blocks at least one block away from the tissue
+    glass &= np.isfinite(ent)
+    assert glass.sum() >= 20
+    assert ent[glass].max() < 0.05, ent[glass].max()
+    r = _cli("suggest", out, "-n", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    sugs = json.loads(r.stdout)
+    assert sugs
+    for q in sugs:  # every region's box starts on the tissue (level-0 px)
+        x0, y0 = q["x"], q["y"]
+        assert x0 < 256 and y0 < 256, q

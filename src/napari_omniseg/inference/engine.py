@@ -650,7 +650,10 @@ class Segmenter:
         if write_scores is not None:  # review scores from the probabilities at hand (labels/review.py)
             from ..labels.review import block_scores
 
-            write_scores(plan, b[0], b[1], block_scores(prob, labels, plan.tissues, unknown, self.ckpt.thresholds))
+            # glass the gate cleared is certain background, whatever the head said there: a block of
+            # faint probabilities over empty glass must not head the review queue
+            sp = prob if gate is None else np.where(gate[None], prob, 0.0)
+            write_scores(plan, b[0], b[1], block_scores(sp, labels, plan.tissues, unknown, self.ckpt.thresholds))
         sink.write_block(plan, b[0], b[1], labels)
 
 

@@ -7,7 +7,9 @@ probabilities it has anyway (no second pass over the slide):
   (0 = every pixel certain, 1 = every pixel on the decision threshold);
 - ``uncertain``: the share of pixels with a probability between 0.25 and 0.75;
 
-Both are taken relative to the tissue's decision threshold ``th`` (the checkpoint's
+Pixels of glass that the engine clears (white and outside the tissue mask) count as
+certain background for both, since the labels there are background whatever the head
+said. Both are taken relative to the tissue's decision threshold ``th`` (the checkpoint's
 calibrated one, 0.5 by default): the probability is first mapped piecewise
 linearly so that ``th`` lands on 0.5 (0 -> 0, th -> 0.5, 1 -> 1).
 - ``violation``: the share of the tissue's predicted pixels that break the tissue
