@@ -195,3 +195,61 @@ def test_cross_scale_negatives_teach_the_glomerulus_head_to_leave_arteries_alone
         ck, _ = train(samples, [], None, cfg, init=load_checkpoint(resolve_checkpoint(None)))
         after[k] = on_arteries(ck)
     assert after[1] < before - 0.15 and after[1] < after[0] - 0.15, (before, after)
+
+
+def _quadrants(a, c):
+    return [a[..., y : y + c, x : x + c] for y in (0, c) for x in (0, c)]
+
+
+def test_mosaic_batches_hold_the_labelled_patch_and_hide_what_partners_do_not_label(demo):
+    """--mosaic: a 2 x 2 mosaic of same-magnification, same-stain images; the batch's own patch
+    keeps its mask, a partner keeps its mask only if labelled for the same tissue, else unknown."""
+    from napari_omniseg.training.loop import _batch_tensors, _mosaic_partners
+
+    tr, _ = demo
+    c = tr[0].image.shape[0]
+    cfg = TrainConfig(mosaic=1.0, crop=c, augment=False)
+    partners = [_mosaic_partners(tr, i) for i in range(len(tr))]
+    idx = [i for i, s in enumerate(tr) if s.tissue.magnification == 10][:2]
+    for i in idx:
+        assert partners[i] and i not in partners[i]
+        assert {tr[j].tissue.magnification for j in partners[i]} == {10}
+        same_stain = [j for j, s in enumerate(tr) if j != i and s.stain == tr[i].stain and s.tissue.magnification == 10]
+        if same_stain:
+            assert set(partners[i]) == set(same_stain)
+    x, y, _ = _batch_tensors(tr, idx, cfg, np.random.default_rng(0), True, partners)
+    assert tuple(x.shape) == (2, 3, 2 * c, 2 * c) and tuple(y.shape) == (2, 2 * c, 2 * c)
+    for n, i in enumerate(idx):
+        own = tr[i].image.astype(np.float32) / 255.0
+        qs = _quadrants(x[n].numpy(), c)  # each 3 x c x c
+        hits = [q for q, (xq, yq) in enumerate(zip(qs, _quadrants(y[n].numpy(), c)))
+                if np.allclose(xq.transpose(1, 2, 0), own) and np.array_equal(yq, tr[i].mask.astype(np.float32))]
+        assert len(hits) >= 1
+        for q, (xq, yq) in enumerate(zip(qs, _quadrants(y[n].numpy(), c))):
+            if q in hits:
+                continue
+            img = xq.transpose(1, 2, 0)
+            src = [j for j in partners[i] if np.allclose(tr[j].image.astype(np.float32) / 255.0, img)]
+            assert src, "every other quadrant is one of the partners"
+            if tr[src[0]].tissue.id == tr[i].tissue.id:
+                assert np.array_equal(yq, tr[src[0]].mask.astype(np.float32))
+            else:
+                assert (yq == -1).all()
+
+
+def test_loss_ignores_unknown_pixels_exactly():
+    """The reference loss on a mosaic whose other quadrants are unknown equals the loss on the
+    labelled quadrant alone: unknown pixels add nothing to the Dice or the cross-entropy."""
+    from napari_omniseg.training.losses import dice_bce_loss, ring_weight
+
+    g = torch.Generator().manual_seed(0)
+    c = 32
+    logits = torch.randn(2, 2, 2 * c, 2 * c, generator=g)
+    mask = torch.rand(2, c, c, generator=g) > 0.6
+    y = torch.full((2, 2 * c, 2 * c), -1.0)
+    y[:, c:, :c] = mask.float()
+    w = torch.from_numpy(np.stack([ring_weight(m) for m in (y == 1).numpy()]))
+    whole = dice_bce_loss(logits, y, w)
+    part = dice_bce_loss(logits[:, :, c:, :c], mask.float(), w[:, c:, :c])
+    assert float(whole) == pytest.approx(float(part), rel=1e-5)
+    assert float(dice_bce_loss(logits, y.clamp(min=0), w)) != pytest.approx(float(part), rel=1e-3)

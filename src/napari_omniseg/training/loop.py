@@ -98,6 +98,13 @@ class TrainConfig:
     #: after training, choose each tissue's decision threshold on the training and
     #: validation patches (training/calibrate.py); False keeps the parent's (or 0.5)
     calibrate: bool = True
+    #: probability that a batch is made of 2 x 2 mosaics (twice the crop's side): each
+    #: sample's crop in a random quadrant, the other three filled with crops of other
+    #: training images of its magnification (of its stain where there are any), their own
+    #: labels kept and unknown where they have none. The engine segments a slide in
+    #: tiles larger than a training patch, and the network's GroupNorm statistics and
+    #: pooled vector are taken over the whole tile; this shows it that context. 0 = off
+    mosaic: float = 0.0
     #: a model trained from scratch: the decoder's output channels every generated head
     #: reads (8 as the reference; ignored when fine-tuning, the parent's architecture stays)
     head_channels: int = 8
@@ -132,7 +139,10 @@ def make_batches(samples: Sequence[Sample], batch_size: int, rng: np.random.Gene
     return [batches[i] for i in order]
 
 
-def _batch_tensors(samples, idx, cfg: TrainConfig, rng, train: bool):
+def _batch_tensors(samples, idx, cfg: TrainConfig, rng, train: bool, partners=None):
+    """Images, masks (N x H x W: 1, 0, and -1 unknown in the other images of a mosaic)
+    and ring weights of one batch of the labelled tissue (the reference loss)."""
+    as_mosaic = train and cfg.mosaic > 0 and partners is not None and rng.random() < cfg.mosaic
     imgs, msks, wts = [], [], []
     for i in idx:
         s = samples[i]
@@ -140,11 +150,19 @@ def _batch_tensors(samples, idx, cfg: TrainConfig, rng, train: bool):
         msk = s.mask
         if train:
             img, msk = random_crop(img, msk, cfg.crop, rng)
+            if as_mosaic:
+                def label_of(j, tid=s.tissue.id):  # a partner labelled for this tissue keeps its mask
+                    o = samples[j]
+                    return o.mask.astype(np.int8) if o.tissue.id == tid else np.full(o.mask.shape, -1, np.int8)
+
+                m = _mosaic(samples, label_of, img, msk.astype(np.int8), cfg, rng, partners[i])
+                if m is not None:
+                    img, msk = m
             if cfg.augment:
                 img, msk = augment(img, msk, rng, cfg.aug)
         imgs.append(img)
         msks.append(msk)
-        wts.append(ring_weight(msk))
+        wts.append(ring_weight(np.asarray(msk) == 1))
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
     y = torch.from_numpy(np.stack(msks).astype(np.float32))
     w = torch.from_numpy(np.stack(wts))
@@ -251,18 +269,61 @@ def _negative_batch(negs, idx, cfg: TrainConfig, rng):
     return x, torch.from_numpy(np.ascontiguousarray(np.stack(ys)))
 
 
-def _target_batch(samples, targets, idx, cfg: TrainConfig, rng):
+def _mosaic_partners(samples, i: int) -> list[int]:
+    """Other training images that may share a mosaic with sample ``i``: its magnification,
+    its stain where the pool has other images of it."""
+    s = samples[i]
+    same = [j for j, o in enumerate(samples) if j != i and o.tissue.magnification == s.tissue.magnification]
+    stain = [j for j in same if samples[j].stain == s.stain] if s.stain else []
+    return stain or same
+
+
+def _mosaic(samples, label_of, img, lab, cfg: TrainConfig, rng, partners):
+    """A crop (``img``, ``lab``: crop x crop [x T], -1 unknown) in a random quadrant of a
+    2 x 2 mosaic; the other quadrants are uniform crops of ``partners`` with the labels
+    ``label_of(j)`` gives them. None when there is no partner."""
+    c = cfg.crop
+    out_img = np.empty((2 * c, 2 * c, 3), np.float32)
+    out_lab = np.full((2 * c, 2 * c) + lab.shape[2:], -1, np.int8)
+    mine = int(rng.integers(4))
+    for q in range(4):
+        y0, x0 = (q // 2) * c, (q % 2) * c
+        if q == mine:
+            qi, ql = img, lab
+        else:
+            if not partners:
+                return None
+            j = partners[int(rng.integers(len(partners)))]
+            qi, ql = object_crop(samples[j].image.astype(np.float32) / 255.0, label_of(j), c, rng, None, 0.0)
+        out_img[y0 : y0 + c, x0 : x0 + c] = qi
+        out_lab[y0 : y0 + c, x0 : x0 + c] = ql
+    return out_img, out_lab
+
+
+def _target_batch(samples, targets, idx, cfg: TrainConfig, rng, partners=None):
     """Images, per-tissue targets (N x T x H x W, -1 unknown) and ring weights for one batch.
 
+    With probability ``cfg.mosaic`` the batch is one of 2 x 2 mosaics (:func:`_mosaic`;
+    ``partners``: sample index -> :func:`_mosaic_partners`).
     Returns x, y, w and the tissue ids of the T columns (the labelled tissue first)."""
     primary = samples[idx[0]].tissue.id
     tids = [primary] + sorted({k for i in idx for k in targets[i] if k != primary})
+    as_mosaic = cfg.mosaic > 0 and rng.random() < cfg.mosaic
     imgs, ys = [], []
     for i in idx:
         s = samples[i]
         img = s.image.astype(np.float32) / 255.0
         lab = np.stack([targets[i].get(t, np.full(s.mask.shape, -1, np.int8)) for t in tids], axis=-1)
         img, lab = object_crop(img, lab, cfg.crop, rng, lab[..., 0] == 1, cfg.object_crop)
+        if as_mosaic:
+            pool = partners[i] if partners is not None else _mosaic_partners(samples, i)
+            def label_of(j):
+                return np.stack([targets[j].get(t, np.full(samples[j].mask.shape, -1, np.int8)) for t in tids], axis=-1)
+
+            m = _mosaic(samples, label_of, img, lab, cfg, rng, pool)
+            if m is None:  # the only image of its magnification: no mosaic for this batch
+                return _target_batch(samples, targets, idx, replace(cfg, mosaic=0.0), rng)
+            img, lab = m
         if cfg.augment:
             img, lab = augment(img, lab, rng, cfg.aug)
         imgs.append(img)
@@ -404,6 +465,8 @@ def train(
         cfg = replace(cfg, aug=replace(cfg.aug, lab_stats=lab_statistics([s.image for s in train_samples])))
     targets = build_targets(train_samples, rel_tissues) if cfg.relations else None
     negs = cross_scale_negatives(train_samples, rel_tissues) if cfg.cross_scale_negatives else []
+    partners = ([_mosaic_partners(train_samples, i) for i in range(len(train_samples))]
+                if cfg.mosaic > 0 else None)
     model = ckpt.model.to(dev)
     _set_frozen(model, cfg.freeze_encoder)
     optim = _make_optimizer(model, cfg)
@@ -457,14 +520,14 @@ def train(
                     logits = model.heads(model.features(x), [negs[idx[1]].tissue.id])
                 loss = cfg.negative_weight * partial_label_loss(logits, y, None, primary=0)
             elif cfg.relations:
-                x, y, w, tids = _target_batch(train_samples, targets, idx, cfg, rng)
+                x, y, w, tids = _target_batch(train_samples, targets, idx, cfg, rng, partners)
                 x = ckpt.normalize(x).to(dev)
                 y, w = y.to(dev), w.to(dev)
                 with autocast_for(dev, cfg.amp):
                     logits = model.heads(model.features(x), tids)
                 loss = partial_label_loss(logits, y, w, primary=0, derived_weight=cfg.derived_weight)
             else:
-                x, y, w = _batch_tensors(train_samples, idx, cfg, rng, train=True)
+                x, y, w = _batch_tensors(train_samples, idx, cfg, rng, train=True, partners=partners)
                 x = ckpt.normalize(x).to(dev)
                 y, w = y.to(dev), w.to(dev)
                 tid = train_samples[idx[0]].tissue.id

@@ -27,15 +27,26 @@ def ring_weight(mask: np.ndarray, weight: float = RING_WEIGHT, width: int = RING
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, smooth: float = 1.0) -> torch.Tensor:
-    """logits N x 2 x H x W; target N x H x W (0/1); weight N x H x W or None."""
+    """logits N x 2 x H x W; target N x H x W (0/1, or -1 where unknown: left out of both
+    terms); weight N x H x W or None."""
+    known = None
+    if target.dtype != torch.bool and bool((target < 0).any()):
+        known = (target >= 0).float().unsqueeze(1)
+        target = target.clamp(min=0)
     t = torch.stack([1.0 - target.float(), target.float()], dim=1)
     w = torch.ones_like(t[:, :1]) if weight is None else weight.float().unsqueeze(1)
+    if known is not None:
+        w = w * known
     p = torch.sigmoid(logits.float())
     dims = (2, 3)
     inter = (p * t * w).sum(dims)
     denom = (p * w).sum(dims) + (t * w).sum(dims)
     dice = (2 * inter + smooth) / (denom + smooth)
-    bce = F.binary_cross_entropy_with_logits(logits.float(), t, weight=w.expand_as(t), reduction="mean")
+    if known is None:
+        bce = F.binary_cross_entropy_with_logits(logits.float(), t, weight=w.expand_as(t), reduction="mean")
+    else:  # the mean over the known pixels, as the mean over all of them when every pixel is known
+        bce = (F.binary_cross_entropy_with_logits(logits.float(), t, weight=w.expand_as(t), reduction="sum")
+               / (2 * known.sum()).clamp(min=1))
     return (1.0 - dice).mean() + bce
 
 
