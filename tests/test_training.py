@@ -253,3 +253,23 @@ def test_loss_ignores_unknown_pixels_exactly():
     part = dice_bce_loss(logits[:, :, c:, :c], mask.float(), w[:, c:, :c])
     assert float(whole) == pytest.approx(float(part), rel=1e-5)
     assert float(dice_bce_loss(logits, y.clamp(min=0), w)) != pytest.approx(float(part), rel=1e-3)
+
+
+def test_glass_quarters_of_a_mosaic_are_known_background(demo):
+    """--mosaic-glass: a quarter that is glass is near-white and background (0) for the tissue."""
+    from napari_omniseg.training.loop import _batch_tensors, _mosaic_partners
+
+    tr, _ = demo
+    c = tr[0].image.shape[0]
+    cfg = TrainConfig(mosaic=1.0, mosaic_glass=1.0, crop=c, augment=False)
+    partners = [_mosaic_partners(tr, i) for i in range(len(tr))]
+    idx = [i for i, s in enumerate(tr) if s.tissue.magnification == 10][:2]
+    x, y, _ = _batch_tensors(tr, idx, cfg, np.random.default_rng(1), True, partners)
+    for n, i in enumerate(idx):
+        own = tr[i].image.astype(np.float32) / 255.0
+        quarters = list(zip(_quadrants(x[n].numpy(), c), _quadrants(y[n].numpy(), c)))
+        mine = [q for q, (xq, _) in enumerate(quarters) if np.allclose(xq.transpose(1, 2, 0), own)]
+        assert len(mine) == 1
+        for q, (xq, yq) in enumerate(quarters):
+            if q != mine[0]:
+                assert xq.min() > 0.85 and (yq == 0).all()

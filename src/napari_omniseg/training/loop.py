@@ -105,6 +105,10 @@ class TrainConfig:
     #: tiles larger than a training patch, and the network's GroupNorm statistics and
     #: pooled vector are taken over the whole tile; this shows it that context. 0 = off
     mosaic: float = 0.0
+    #: in a mosaic, the probability that a quarter other than the batch's own is glass
+    #: (a near-white, slightly noisy field, background for every tissue), as the tiles at
+    #: a biopsy's edge are: ``benchmarks/glass_context.py``
+    mosaic_glass: float = 0.0
     #: a model trained from scratch: the decoder's output channels every generated head
     #: reads (8 as the reference; ignored when fine-tuning, the parent's architecture stays)
     head_channels: int = 8
@@ -291,10 +295,15 @@ def _mosaic(samples, label_of, img, lab, cfg: TrainConfig, rng, partners):
         if q == mine:
             qi, ql = img, lab
         else:
-            if not partners:
-                return None
-            j = partners[int(rng.integers(len(partners)))]
-            qi, ql = object_crop(samples[j].image.astype(np.float32) / 255.0, label_of(j), c, rng, None, 0.0)
+            if cfg.mosaic_glass > 0 and rng.random() < cfg.mosaic_glass:
+                level = rng.uniform(0.92, 0.975)
+                qi = np.clip(level + rng.normal(0.0, 0.008, (c, c, 3)), 0.0, 1.0).astype(np.float32)
+                ql = np.zeros((c, c) + lab.shape[2:], np.int8)  # glass: background for every head
+            else:
+                if not partners:
+                    return None
+                j = partners[int(rng.integers(len(partners)))]
+                qi, ql = object_crop(samples[j].image.astype(np.float32) / 255.0, label_of(j), c, rng, None, 0.0)
         out_img[y0 : y0 + c, x0 : x0 + c] = qi
         out_lab[y0 : y0 + c, x0 : x0 + c] = ql
     return out_img, out_lab
