@@ -326,3 +326,30 @@ def test_a_failing_write_in_the_writer_thread_ends_the_run_with_its_error(slide_
         seg.run(src, Full((0, 0, 420, 300)), ["distal_tubule"])
     with pytest.raises(ValueError, match="readers"):
         Segmenter(ckpt, EngineConfig(readers=-1))
+
+
+def test_tissue_mask_cache_never_hands_one_image_anothers_mask():
+    """Images segmented one after another with one Segmenter: once an image is freed,
+    Python may give the next one its id(); the cached tissue mask (which decides the
+    tiles run, the glass cleared and the statistics) must still be the new image's."""
+    from napari_omniseg.inference.engine import EngineConfig, Segmenter
+    from napari_omniseg.model import load_checkpoint
+    from napari_omniseg.model.registry import shipped_checkpoint
+    from napari_omniseg.demo import bundled_samples
+    from napari_omniseg.slides import ImageSlide
+
+    s = next(p for p in bundled_samples() if p.tissue.name == "proximal_tubule")
+    glass = np.full((256, 512, 3), 243, np.uint8)
+    left, right = glass.copy(), glass.copy()
+    left[:, :256] = s.image[..., :3]
+    right[:, 256:] = s.image[..., :3]
+    seg = Segmenter(load_checkpoint(shipped_checkpoint()), EngineConfig(device="cpu"))
+    a, b = ImageSlide(left, mpp=s.tissue.mpp), ImageSlide(right, mpp=s.tissue.mpp)
+    ma = seg.tissue_mask(a)[0]
+    assert ma[:, : ma.shape[1] // 2].mean() > 0.8 and not ma[:, -ma.shape[1] // 4 :].any()
+    # as if ``b`` had been given ``a``'s id after ``a`` was freed
+    (key, entry), = seg._mask_cache.items()
+    seg._mask_cache[(id(b), *key[1:])] = entry
+    mb = seg.tissue_mask(b)[0]
+    assert mb[:, -mb.shape[1] // 2 :].mean() > 0.8 and not mb[:, : mb.shape[1] // 4].any()
+    assert seg.tissue_mask(b)[0] is mb  # and b's own mask is cached

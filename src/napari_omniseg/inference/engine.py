@@ -20,6 +20,7 @@ import queue
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -254,10 +255,22 @@ class Segmenter:
             x, y, w, h = region
             halo = int((self.cfg.core + 2 * self.cfg.margin) * max(t.mpp for t in self.ckpt.tissues) / float(source.mpp))
             box = (x - halo, y - halo, w + 2 * halo, h + 2 * halo)
+        # keyed by the source object itself: an id() alone can be reused by the next image
+        # once this one is freed (in-memory images segmented one after another), which
+        # handed that image this one's mask
         key = (id(source), getattr(source, "path", None), box)
-        if key not in self._mask_cache:
-            self._mask_cache[key] = tissue_mask(source, box=box)
-        return self._mask_cache[key]
+        hit = self._mask_cache.get(key)
+        if hit is not None and hit[0]() is source:
+            return hit[1]
+        for k in [k for k, (ref, _) in self._mask_cache.items() if ref() is None]:
+            del self._mask_cache[k]  # masks of sources that are gone
+        mask = tissue_mask(source, box=box)
+        try:
+            ref = weakref.ref(source)
+        except TypeError:  # a source that cannot be weakly referenced is kept alive instead
+            ref = (lambda src=source: src)
+        self._mask_cache[key] = (ref, mask)
+        return mask
 
     def _autocast(self):
         return autocast(self.precision, self.device)
