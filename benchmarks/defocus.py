@@ -33,7 +33,7 @@ from napari_omniseg.inference.precision import autocast, describe, resolve_preci
 from napari_omniseg.model import load_checkpoint, resolve_checkpoint
 from napari_omniseg.model.network import fg_probability
 from napari_omniseg.training.data import load_arrays, load_dataset, select
-from napari_omniseg.training.loop import _pad_to
+from napari_omniseg.training.loop import _pad_to, _stat_masks
 from napari_omniseg.training.metrics import dice
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,11 +57,13 @@ def degrade(img: np.ndarray, how: str) -> np.ndarray:
 
 
 @torch.inference_mode()
-def probability(ck, img: np.ndarray, tissue_id: int, precision: str) -> np.ndarray:
+def probability(ck, img: np.ndarray, tissue_id: int, precision: str, mpp: float) -> np.ndarray:
     x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None]
+    sm = _stat_masks(x.float() / 255.0, [mpp], ck.model)  # a model trained on its tissue's statistics
     x, crop = _pad_to(ck.normalize(x), ck.model.cfg.divisor)
+    sm = None if sm is None else _pad_to(sm, ck.model.cfg.divisor)[0]
     with autocast(precision, "cpu"):
-        p = fg_probability(ck.model(x, [tissue_id]).float())
+        p = fg_probability(ck.model.heads(ck.model.features(x, sm), [tissue_id])[:, 0].float())
     return p[0, : crop[0], : crop[1]].numpy()
 
 
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
         for name, samples in sets.items():
             per: dict = {}
             for s in samples:
-                p = probability(ck, degrade(s.image, how), s.tissue.id, prec)
+                p = probability(ck, degrade(s.image, how), s.tissue.id, prec, s.tissue.mpp)
                 per.setdefault(s.tissue.name, []).append(dice(p > ck.threshold(s.tissue.name), s.mask > 0))
             n = {t: len(v) for t, v in per.items()}
             per = {t: float(np.mean(v)) for t, v in sorted(per.items())}

@@ -78,6 +78,10 @@ def main(argv=None) -> int:
                         "(twice the crop's side: the context of a whole-slide tile)")
     p.add_argument("--mosaic-glass", type=float, default=0.0, metavar="Q",
                    help="in a mosaic, probability that another quarter is glass (background for every head)")
+    p.add_argument("--statistics", choices=("tile", "tissue"),
+                   help="normalisation statistics and pooled vector over every pixel of a crop ('tile') or its "
+                        "tissue only ('tissue', as the engine then takes them); default: as the --init model was "
+                        "trained, 'tile' for a new model")
     p.add_argument("--negatives", type=int, default=0, metavar="K",
                    help="lever on: K extra batches per head and epoch of patches labelled for a tissue the head "
                         "excludes, resampled to its magnification (training/negatives.py)")
@@ -121,7 +125,8 @@ def main(argv=None) -> int:
                       relations=not (ref or a.no_relations), object_crop=0.0 if (ref or a.no_object_crop) else 0.7,
                       balanced=a.balance or not (ref or a.no_balance),
                       controller_lr_mult=1.0 if (ref or a.uniform_init) else 0.1,
-                      cross_scale_negatives=a.negatives, mosaic=a.mosaic, mosaic_glass=a.mosaic_glass)
+                      cross_scale_negatives=a.negatives, mosaic=a.mosaic, mosaic_glass=a.mosaic_glass,
+                      tissue_statistics=None if a.statistics is None else a.statistics == "tissue")
     init = None
     if a.init:
         from napari_omniseg.model.checkpoint import load_checkpoint

@@ -2,7 +2,8 @@
 
 Meant for fine-tunes warm-started from the same parent, which lie close enough in
 weight space for their average to be a working model.  The thresholds are the first
-checkpoint's; recalibrate the result with ``omniseg calibrate``.
+checkpoint's, and so is the way the statistics are taken (``NetConfig.statistics``);
+recalibrate the result with ``omniseg calibrate``.
 
     python scripts/average_models.py OUT.safetensors A.safetensors B.safetensors [--weights 0.5,0.5]
 """
@@ -26,7 +27,11 @@ def main(argv=None) -> int:
     w = [float(x) for x in a.weights.split(",")] if a.weights else [1.0 / len(cks)] * len(cks)
     if len(w) != len(cks) or abs(sum(w) - 1.0) > 1e-6:
         p.error("--weights needs one number per input, summing to 1")
-    if any(c.model.cfg != cks[0].model.cfg for c in cks[1:]):
+    from dataclasses import replace
+
+    # how the statistics are taken is a way of using the weights, not their shape: the
+    # average is used as the first checkpoint is
+    if any(replace(c.model.cfg, statistics=cks[0].model.cfg.statistics) != cks[0].model.cfg for c in cks[1:]):
         p.error("the checkpoints differ in architecture")
     if any([t.name for t in c.tissues] != [t.name for t in cks[0].tissues] for c in cks[1:]):
         p.error("the checkpoints differ in tissues")

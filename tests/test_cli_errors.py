@@ -126,12 +126,14 @@ def test_train_with_negatives_from_the_command_line(demo_dir, tmp_path):
     out = tmp_path / "neg.safetensors"
     r = _cli("train", "--data", demo_dir, "--epochs", "1", "--crop", "64", "--batch-size", "2", "--val-split", "none",
              "--test-split", "none", "--negatives", "1", "--zoom", "0.5", "--defocus", "0.3", "--lab-transfer", "0.5", "--threads", "1",
-             "--out", out,
+             "--statistics", "tissue", "--out", out,
              "-q")
     assert r.returncode == 0, r.stderr[-2000:]
     from napari_omniseg.model import load_checkpoint
 
-    prov = load_checkpoint(out).provenance
+    ck = load_checkpoint(out)
+    assert ck.model.cfg.statistics == "tissue"  # --statistics tissue: the engine will use it so
+    prov = ck.provenance
     assert prov["train_config"]["aug"]["p_zoom"] == 0.5 and prov["train_config"]["cross_scale_negatives"] == 1
     assert prov["train_config"]["aug"]["p_defocus"] == 0.3
     # the colour transfer's targets come from the training patches' own colours

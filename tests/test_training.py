@@ -1,6 +1,8 @@
 """Training on the real renal demo patches: loss goes down, runs are reproducible,
 cancel and failures never write a checkpoint, resume continues exactly."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -273,3 +275,33 @@ def test_glass_quarters_of_a_mosaic_are_known_background(demo):
         for q, (xq, yq) in enumerate(quarters):
             if q != mine[0]:
                 assert xq.min() > 0.85 and (yq == 0).all()
+
+
+def test_tissue_statistics_reach_the_network_and_stay_with_the_checkpoint(demo, tmp_path):
+    """TrainConfig(tissue_statistics=True): each crop's glass is left out of the
+    network's statistics, the checkpoint says so (NetConfig.statistics), and a
+    fine-tune of it keeps that unless told otherwise."""
+    from napari_omniseg.training.loop import _stat_masks
+
+    tr, _ = demo
+    few = _small(tr, 1)
+    cfg = TrainConfig(epochs=1, batch_size=2, crop=64, augment=False, seed=0, threads=2, calibrate=False,
+                      tissue_statistics=True)
+    train(few, [], tmp_path / "t.safetensors", cfg)
+    ck = load_checkpoint(tmp_path / "t.safetensors")
+    assert ck.model.cfg.statistics == "tissue"
+    from napari_omniseg.slides.tissue_mask import statistics_mask
+
+    s = next(x for x in tr if x.tissue.magnification == 10 and statistics_mask(x.image, x.tissue.mpp) is None)
+    x = torch.full((2, 3, 256, 256), 0.95)
+    x[:, :, :, :128] = torch.from_numpy(s.image[:, :128]).permute(2, 0, 1).float() / 255.0
+    x[1] = torch.from_numpy(s.image).permute(2, 0, 1).float() / 255.0
+    sm = _stat_masks(x, [s.tissue.mpp] * 2, ck.model)
+    assert sm is not None and sm.shape == (2, 1, 256, 256)
+    assert sm[0, 0, :, :112].all() and not sm[0, 0, :, 160:].any()  # glass to the right is out
+    assert sm[1].all()  # a crop all tissue: nothing left out
+    ck2, _ = train(few, [], tmp_path / "t2.safetensors", replace(cfg, tissue_statistics=None), init=ck)
+    assert load_checkpoint(tmp_path / "t2.safetensors").model.cfg.statistics == "tissue"
+    tile = load_checkpoint(tmp_path / "t.safetensors")
+    tile.model.cfg.statistics = "tile"
+    assert _stat_masks(x, [s.tissue.mpp] * 2, tile.model) is None

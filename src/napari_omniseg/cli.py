@@ -152,6 +152,11 @@ def _train_args(p):
     p.add_argument("--defocus", type=float, default=0.0, metavar="P",
                    help="with probability P, make each training image less sharp (blur sigma 0.5-2 px, or shrink 1.5-3x "
                         "and enlarge back), so softer scans from another scanner or focus are still read; default 0")
+    p.add_argument("--statistics", choices=("tile", "tissue"),
+                   help="where the network's normalisation statistics and pooled vector come from: every pixel "
+                        "of a crop ('tile') or only its tissue ('tissue': glass around a fragment or at a "
+                        "biopsy's edge does not change what the network sees; the engine then uses the model "
+                        "so too); default: as the --init model was trained, 'tile' for a new model")
     p.add_argument("--state-dir", help="folder for a resumable training state (rerun the same command to resume)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = default)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -199,6 +204,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         freeze_encoder=a.freeze_encoder, augment=not a.no_augment, threads=a.threads, device=a.device,
         val_every=a.val_every, relations=not a.no_relations, cross_scale_negatives=a.negatives,
         aug=AugmentConfig() if a.mild_augment else strong_augment(),
+        tissue_statistics=None if a.statistics is None else a.statistics == "tissue",
     )
     if a.lr is not None:
         cfg.lr = a.lr

@@ -79,6 +79,12 @@ class EngineConfig:
     #: (grown by one mask pixel, 16 um) are background for every tissue, also inside
     #: tiles that hold tissue
     clear_glass: bool = True
+    #: with ``skip_background``: in a tile that is partly glass, every normalisation's
+    #: statistics and the pooled head vector are taken over the tissue mask (grown as
+    #: for ``clear_glass``) only, so the glass around a fragment or at a biopsy's edge
+    #: does not change what the network sees in the tissue; tiles all tissue are as
+    #: before.  None = as the model was trained (its ``NetConfig.statistics``)
+    tissue_statistics: "bool | None" = None
 
 
 @dataclass
@@ -276,22 +282,32 @@ class Segmenter:
         return autocast(self.precision, self.device)
 
     @torch.inference_mode()
-    def predict_tiles(self, tiles: np.ndarray, tissue_ids: Sequence[int]) -> np.ndarray:
-        """uint8 N x S x S x 3 -> foreground probabilities float32 N x T x S x S."""
+    def predict_tiles(self, tiles: np.ndarray, tissue_ids: Sequence[int], stat_masks=None) -> np.ndarray:
+        """uint8 N x S x S x 3 -> foreground probabilities float32 N x T x S x S.
+
+        ``stat_masks``: None, or one entry per tile, None (statistics over the whole
+        tile) or a boolean S x S tissue mask (statistics over it; see
+        ``EngineConfig.tissue_statistics``)."""
         x = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2)
         x = self.ckpt.normalize(x).to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
+        sm = None
+        if stat_masks is not None and any(m is not None for m in stat_masks):
+            s = tiles.shape[1:3]
+            sm = torch.from_numpy(np.stack([np.ones(s, np.float32) if m is None else np.asarray(m, np.float32)
+                                            for m in stat_masks]))
+            sm = sm[:, None].to(self.device, dtype=torch.float32)
         with self._autocast():
-            feats = self.model.features(x)
+            feats = self.model.features(x) if sm is None else self.model.features(x, sm)
             logits = self.model.heads(feats, list(tissue_ids))
         p = torch.sigmoid((logits[:, :, 1] - logits[:, :, 0]).float())
         return p.cpu().numpy()
 
-    def _predict_safely(self, batch, tissue_ids):
+    def _predict_safely(self, batch, tissue_ids, stat_masks=None):
         """Predict, halving the batch on out-of-memory (results do not depend on batch size)."""
         try:
-            return self.predict_tiles(batch, tissue_ids)
+            return self.predict_tiles(batch, tissue_ids, stat_masks)
         except torch.OutOfMemoryError:
             if len(batch) == 1:
                 raise
@@ -299,7 +315,9 @@ class Segmenter:
                 torch.cuda.empty_cache()
             h = len(batch) // 2
             log.warning("out of memory with %d tiles; retrying in halves", len(batch))
-            return np.concatenate([self._predict_safely(batch[:h], tissue_ids), self._predict_safely(batch[h:], tissue_ids)])
+            sm = [None] * len(batch) if stat_masks is None else stat_masks
+            return np.concatenate([self._predict_safely(batch[:h], tissue_ids, sm[:h]),
+                                   self._predict_safely(batch[h:], tissue_ids, sm[h:])])
 
     # ------------------------------------------------------------------ main loop
     def run(
@@ -536,7 +554,7 @@ class Segmenter:
             while not finished:
                 if should_stop is not None and should_stop():
                     raise SegmentationCancelled("segmentation cancelled; blocks already written are kept")
-                batch, keys = [], []
+                batch, keys, smasks = [], [], []
                 while len(batch) < self.batch_size:
                     item = q.get()
                     if item is None:
@@ -556,15 +574,16 @@ class Segmenter:
                         rep.tiles_failed.append((plan.magnification, t[0], t[1], err))
                         # keep row-major order: flush what we have first
                         if batch:
-                            self._flush(batch, keys, ids, finish_tile, rep)
-                            batch, keys = [], []
+                            self._flush(batch, keys, ids, finish_tile, rep, smasks)
+                            batch, keys, smasks = [], [], []
                         finish_tile(t, failed=True)
                         n_done += 1
                         continue
                     batch.append(img)
                     keys.append(t)
+                    smasks.append(self._stat_mask(mask, plan, t, source.mpp) if mask is not None else None)
                 if batch:
-                    self._flush(batch, keys, ids, finish_tile, rep)
+                    self._flush(batch, keys, ids, finish_tile, rep, smasks)
                     n_done += len(batch)
                 check_writer()
                 if on_progress is not None:
@@ -581,16 +600,16 @@ class Segmenter:
             th.join()
         return n_done
 
-    def _flush(self, batch, keys, ids, finish_tile, rep):
+    def _flush(self, batch, keys, ids, finish_tile, rep, stat_masks=None):
         t0 = time.perf_counter()
         n = len(batch)
-        probs = self._predict_batch(np.stack(batch), ids)
+        probs = self._predict_batch(np.stack(batch), ids, stat_masks)
         rep.model_seconds += time.perf_counter() - t0
         rep.tiles_run += len(batch)
         for t, p, img in zip(keys, probs, batch):
             finish_tile(t, p, pixels=img)
 
-    def _predict_batch(self, x, ids):
+    def _predict_batch(self, x, ids, stat_masks=None):
         """Probabilities of the tiles ``x``, exactly as they come out in a full batch.
 
         Region and whole-slide runs must give bit-identical pixels, but a tile can meet
@@ -603,16 +622,17 @@ class Segmenter:
         of its companions). With one tile per batch, the CPU default, nothing is padded.
         """
         n, B = len(x), self.batch_size
+        sm = None if stat_masks is None else list(stat_masks)
         if n >= B:
-            return self._predict_safely(x, ids)
+            return self._predict_safely(x, ids, sm)
         key = (n, B, x.shape[1:], tuple(ids))
         ok = self._invariant.get(key)
         if ok:
-            return self._predict_safely(x, ids)
+            return self._predict_safely(x, ids, sm)
         full = np.concatenate([x, np.zeros((B - n, *x.shape[1:]), x.dtype)])
-        padded = self._predict_safely(full, ids)[:n]
+        padded = self._predict_safely(full, ids, None if sm is None else sm + [None] * (B - n))[:n]
         if ok is None:
-            self._invariant[key] = bool(np.array_equal(self._predict_safely(x, ids), padded))
+            self._invariant[key] = bool(np.array_equal(self._predict_safely(x, ids, sm), padded))
             log.info("batch of %d tiles %s a padded batch of %d on %s %s", n,
                      "matches" if self._invariant[key] else "differs from", B, self.device, self.precision)
         return padded
@@ -624,19 +644,47 @@ class Segmenter:
         y, x, h, w = plan.level0_box(*t)
         return bool(tile_has_tissue(m, m_mpp, y, x, h, w, level0_mpp))
 
+    def _grown_mask(self, mask):
+        """The tissue mask grown by one of its pixels (16 um): what counts as tissue for
+        clearing glass and for the statistics."""
+        m = mask[0]
+        grown = self._grown.get(id(m))
+        if grown is None or grown[0] is not m:
+            from ..slides.tissue_mask import grow
+
+            grown = self._grown[id(m)] = (m, grow(m))
+        return grown[1]
+
+    def _stat_mask(self, mask, plan, t, level0_mpp):
+        """Over tile ``t``: the tissue pixels its statistics are taken over, or None for
+        the whole tile (``tissue_statistics`` off, or no glass in it). Pixels past the
+        slide's edge (mirror padding) are not the slide's and are left out too."""
+        ts = self.cfg.tissue_statistics
+        if ts is None:
+            ts = self.model.cfg.statistics == "tissue"
+        if not ts:
+            return None
+        g = self._grown_mask(mask)
+        m_mpp = mask[1]
+        oy, ox = plan.tile_origin(*t)
+        s = plan.tile_size
+        r = plan.factor * float(level0_mpp) / float(m_mpp)  # mask pixels per plan pixel
+        H, W = plan.shape
+        ys, xs = np.arange(oy, oy + s), np.arange(ox, ox + s)
+        iy = np.clip(((ys + 0.5) * r).astype(int), 0, g.shape[0] - 1)
+        ix = np.clip(((xs + 0.5) * r).astype(int), 0, g.shape[1] - 1)
+        sm = g[np.ix_(iy, ix)] & ((ys >= 0) & (ys < H))[:, None] & ((xs >= 0) & (xs < W))[None, :]
+        if sm.all() or not sm.any():
+            return None
+        return sm
+
     def _tissue_gate(self, mask, plan, b, level0_mpp):
         """Over block ``b``: True where the tissue mask, grown by one of its pixels, holds
         tissue (None when glass is not cleared)."""
         if not self.cfg.clear_glass:
             return None
-        m, m_mpp = mask
-        key = id(m)
-        grown = self._grown.get(key)
-        if grown is None or grown[0] is not m:
-            from scipy import ndimage
-
-            grown = self._grown[key] = (m, ndimage.binary_dilation(m, np.ones((3, 3), bool)))
-        g = grown[1]
+        m_mpp = mask[1]
+        g = self._grown_mask(mask)
         y0, y1, x0, x1 = plan.block_bounds(*b)
         r = plan.factor * float(level0_mpp) / float(m_mpp)  # mask pixels per plan pixel
         ys = np.clip(((np.arange(y0, y1) + 0.5) * r).astype(int), 0, g.shape[0] - 1)

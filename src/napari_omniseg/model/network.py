@@ -21,6 +21,7 @@ image's pooled features alone, which trains poorly from a few dozen patches
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -65,6 +66,12 @@ class NetConfig:
     #: scale) or "head" (image part zero, each (tissue, scale) pair's own head initialised
     #: as a He-initialised 1x1 conv stack, so every head starts as a working conv head)
     controller_init: str = "head"
+    #: where each image's normalisation statistics and pooled vector come from when the
+    #: model is used: "tile" (every pixel of the tile) or "tissue" (the pixels its tissue
+    #: mask holds: the engine's tiles, evaluation patches and training crops alike; see
+    #: ``TissueGroupNorm``).  A model is used as it was trained; sidecars written before
+    #: this field load as "tile"
+    statistics: str = "tile"
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -82,6 +89,7 @@ class NetConfig:
         kw = dict(d)
         kw.setdefault("pool_norm", "none")  # older sidecars: the raw pooled vector
         kw.setdefault("controller_init", "uniform")
+        kw.setdefault("statistics", "tile")
         for k in ("widths", "blocks", "tissue_scales"):
             if k in kw:
                 kw[k] = tuple(int(v) for v in kw[k])
@@ -93,18 +101,103 @@ class NetConfig:
         return 2 ** (len(self.widths) - 1)
 
 
+class _StatMask(threading.local):
+    """The tissue mask the statistics of one forward pass are taken over (per thread)."""
+
+    mask: "torch.Tensor | None" = None  # N x 1 x H x W, 1 = tissue, at the input's resolution
+    #: N booleans: the sample's mask covers every pixel (its statistics are the plain ones)
+    full: "torch.Tensor | None" = None
+    #: every sample has a partial mask (so the plain statistics need not be computed)
+    all_partial: bool = False
+
+    def __reduce__(self):  # copies and pickles of a model get a fresh, empty one
+        return (_StatMask, ())
+
+    def set(self, mask: "torch.Tensor | None") -> None:
+        if mask is not None:
+            full = mask.flatten(1).amin(1) > 0.5
+            if bool(full.all()):
+                mask = None  # nothing to leave out: the plain path, bit for bit
+            else:
+                self.full, self.all_partial = full, not bool(full.any())
+        self.mask = mask
+
+    def at(self, h: int, w: int) -> "torch.Tensor | None":
+        m = self.mask
+        if m is None:
+            return None
+        if m.shape[-2:] != (h, w):
+            # a cell of a coarser map is tissue where any input pixel under it is
+            m = F.adaptive_max_pool2d(m, (h, w))
+        return m
+
+    def select(self, plain, masked) -> torch.Tensor:
+        """Per sample: the plain result where its mask is full, the masked one elsewhere.
+        A sample with a full mask so gets exactly what it gets without a mask, whatever
+        the other samples of its batch are."""
+        if self.all_partial:
+            return masked()
+        p = plain()
+        full = self.full.reshape(-1, *([1] * (p.ndim - 1)))
+        return torch.where(full, p, masked().to(p.dtype))
+
+
+def masked_mean(x: torch.Tensor, m: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Mean of ``x`` over ``dims`` counting only where ``m`` (broadcast to ``x``) is 1."""
+    n = (m * torch.ones_like(x)).sum(dims, keepdim=True)
+    return (x * m).sum(dims, keepdim=True) / n.clamp_min(1.0)
+
+
+class TissueGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics can be taken over tissue pixels only.
+
+    Without a mask it is ``nn.GroupNorm`` (same parameters, same state-dict keys, same
+    result).  With one (``Backbone.forward(x, stat_mask)``), each sample's mean and
+    variance per group come from the pixels the mask marks as tissue, and every pixel is
+    normalised with them: white glass around a biopsy fragment then no longer shifts the
+    statistics of the tissue it surrounds (the network was trained on patches that are
+    almost all tissue).
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, holder: "_StatMask | None" = None):
+        super().__init__(num_groups, num_channels)
+        object.__setattr__(self, "_holder", holder)  # a plain attribute, not a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        holder = self._holder
+        m = None if holder is None else holder.at(*x.shape[-2:])
+        if m is None:
+            return super().forward(x)
+        return holder.select(lambda: super(TissueGroupNorm, self).forward(x), lambda: self._masked(x, m))
+
+    def _masked(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        g = self.num_groups
+        xf = x.float().reshape(n, c, h * w)
+        mf = m.float().reshape(n, h * w, 1)
+        cnt = mf.sum(1).clamp_min(1.0) * (c // g)  # N x 1: pixels counted per group
+        s1 = torch.bmm(xf, mf).reshape(n, g, c // g).sum(-1)  # N x G
+        s2 = torch.bmm(xf * xf, mf).reshape(n, g, c // g).sum(-1)
+        mean = s1 / cnt
+        var = (s2 / cnt - mean * mean).clamp_min(0.0)
+        rstd = torch.rsqrt(var + self.eps).repeat_interleave(c // g, dim=1)  # N x C
+        a = rstd * self.weight.float()
+        b = self.bias.float() - mean.repeat_interleave(c // g, dim=1) * a
+        return torch.addcmul(b[:, :, None, None], x.float(), a[:, :, None, None])
+
+
 class ResBlock(nn.Module):
     """Pre-activation residual block: GN-ReLU-conv3x3 twice plus a shortcut."""
 
-    def __init__(self, cin: int, cout: int, stride: int = 1, groups: int = 16):
+    def __init__(self, cin: int, cout: int, stride: int = 1, groups: int = 16, holder: "_StatMask | None" = None):
         super().__init__()
-        self.gn1 = nn.GroupNorm(groups, cin)
+        self.gn1 = TissueGroupNorm(groups, cin, holder)
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.gn2 = nn.GroupNorm(groups, cout)
+        self.gn2 = TissueGroupNorm(groups, cout, holder)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         if stride != 1 or cin != cout:
             self.downsample = nn.Sequential(
-                nn.GroupNorm(groups, cin), nn.ReLU(inplace=False), nn.Conv2d(cin, cout, 1, stride, bias=False)
+                TissueGroupNorm(groups, cin, holder), nn.ReLU(inplace=False), nn.Conv2d(cin, cout, 1, stride, bias=False)
             )
         else:
             self.downsample = None
@@ -116,9 +209,9 @@ class ResBlock(nn.Module):
         return out + short
 
 
-def _stage(cin: int, cout: int, n: int, stride: int, groups: int) -> nn.Sequential:
-    layers = [ResBlock(cin, cout, stride, groups)]
-    layers += [ResBlock(cout, cout, 1, groups) for _ in range(n - 1)]
+def _stage(cin: int, cout: int, n: int, stride: int, groups: int, holder: "_StatMask | None" = None) -> nn.Sequential:
+    layers = [ResBlock(cin, cout, stride, groups, holder)]
+    layers += [ResBlock(cout, cout, 1, groups, holder) for _ in range(n - 1)]
     return nn.Sequential(*layers)
 
 
@@ -128,35 +221,52 @@ class Backbone(nn.Module):
     def __init__(self, cfg: NetConfig):
         super().__init__()
         w, b, g = cfg.widths, cfg.blocks, cfg.groups
+        self._stat = hold = _StatMask()
         self.stem = nn.Conv2d(cfg.in_channels, w[0], 3, 1, 1, bias=False)
         stages = []
         cin = w[0]
         for i, (cout, n) in enumerate(zip(w, b)):
-            stages.append(_stage(cin, cout, n, 1 if i == 0 else 2, g))
+            stages.append(_stage(cin, cout, n, 1 if i == 0 else 2, g, hold))
             cin = cout
         self.encoder = nn.ModuleList(stages)
-        self.fusion = nn.Sequential(nn.GroupNorm(g, w[-1]), nn.ReLU(), nn.Conv2d(w[-1], w[-1], 1, bias=False))
-        self.gap_norm = nn.GroupNorm(g, w[-1])
+        self.fusion = nn.Sequential(TissueGroupNorm(g, w[-1], hold), nn.ReLU(), nn.Conv2d(w[-1], w[-1], 1, bias=False))
+        self.gap_norm = TissueGroupNorm(g, w[-1], hold)
         # decoder: from the deepest width down to the first, adding the encoder skips
         # level i adds skip i (width w[i]) and maps w[i] -> w[i-1] (w[0] at the top)
         if w[-1] != w[-2]:
             raise ValueError("the last two widths must match (the bottleneck adds skip 3 directly)")
-        dec = [ResBlock(w[i], w[max(i - 1, 0)], 1, g) for i in range(len(w) - 2, -1, -1)]
+        dec = [ResBlock(w[i], w[max(i - 1, 0)], 1, g, hold) for i in range(len(w) - 2, -1, -1)]
         self.decoder = nn.ModuleList(dec)
-        self.precls = nn.Sequential(nn.GroupNorm(g, w[0]), nn.ReLU(), nn.Conv2d(w[0], cfg.head_channels, 1))
+        self.precls = nn.Sequential(TissueGroupNorm(g, w[0], hold), nn.ReLU(), nn.Conv2d(w[0], cfg.head_channels, 1))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        skips = []
-        x = self.stem(x)
-        for st in self.encoder:
-            x = st(x)
-            skips.append(x)
-        x = self.fusion(x)
-        gap = F.adaptive_avg_pool2d(F.relu(self.gap_norm(x)), 1).flatten(1)
-        for blk, skip in zip(self.decoder, reversed(skips[:-1])):
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-            x = blk(x + skip)
-        return self.precls(x), gap
+    def forward(self, x: torch.Tensor, stat_mask: "torch.Tensor | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``stat_mask`` (N x 1 x H x W, 1 = tissue): take every normalisation's statistics
+        and the pooled vector over those pixels only (see ``TissueGroupNorm``)."""
+        if stat_mask is not None:
+            stat_mask = stat_mask.to(device=x.device, dtype=torch.float32)
+            if stat_mask.shape != (x.shape[0], 1, *x.shape[-2:]):
+                raise ValueError(f"stat_mask must be N x 1 x H x W matching the images, got {tuple(stat_mask.shape)}")
+        self._stat.set(stat_mask)
+        try:
+            skips = []
+            x = self.stem(x)
+            for st in self.encoder:
+                x = st(x)
+                skips.append(x)
+            x = self.fusion(x)
+            v = F.relu(self.gap_norm(x))
+            m = self._stat.at(*v.shape[-2:])
+            if m is None:
+                gap = F.adaptive_avg_pool2d(v, 1)
+            else:
+                gap = self._stat.select(lambda: F.adaptive_avg_pool2d(v, 1), lambda: masked_mean(v.float(), m, (2, 3)))
+            gap = gap.flatten(1)
+            for blk, skip in zip(self.decoder, reversed(skips[:-1])):
+                x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+                x = blk(x + skip)
+            return self.precls(x), gap
+        finally:
+            self._stat.set(None)
 
 
 class OmniSegNet(nn.Module):
@@ -175,6 +285,8 @@ class OmniSegNet(nn.Module):
         self.controller_weight = nn.Parameter(torch.empty(c.n_tissues, c.n_scales, n_params, feat))
         self.controller_bias = nn.Parameter(torch.zeros(n_params))
         self.controller_pair_bias = nn.Parameter(torch.empty(c.n_tissues, c.n_scales, n_params))
+        if c.statistics not in ("tile", "tissue"):
+            raise ValueError(f"unknown statistics {c.statistics!r} (use 'tile' or 'tissue')")
         if c.pool_norm not in ("none", "unit"):
             raise ValueError(f"unknown pool_norm {c.pool_norm!r} (use 'none' or 'unit')")
         if c.controller_init == "uniform":
@@ -217,12 +329,15 @@ class OmniSegNet(nn.Module):
         return gap
 
     # -- the expensive, tissue-independent part -------------------------------------
-    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the backbone once: images N x 3 x H x W in [0, 1] -> (N x 8 x H x W, N x 256)."""
+    def features(self, images: torch.Tensor, stat_mask: "torch.Tensor | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the backbone once: images N x 3 x H x W in [0, 1] -> (N x 8 x H x W, N x 256).
+
+        ``stat_mask`` (N x 1 x H x W, 1 = tissue), if given: normalisation statistics and
+        the pooled vector come from the tissue pixels only."""
         d = self.cfg.divisor
         if images.ndim != 4 or images.shape[-1] % d or images.shape[-2] % d:
             raise ValueError(f"images must be N x C x H x W with H and W multiples of {d}, got {tuple(images.shape)}")
-        return self.backbone(images)
+        return self.backbone(images, stat_mask)
 
     # -- the cheap, tissue-specific part -------------------------------------------
     def head_params(self, gap: torch.Tensor, tissues: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

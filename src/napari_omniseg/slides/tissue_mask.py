@@ -185,3 +185,34 @@ def tile_has_tissue(
         return False
     frac = float(np.mean(mask[my0:my1, mx0:mx1]))
     return frac > 0 and frac >= min_fraction
+
+
+def grow(mask: np.ndarray) -> np.ndarray:
+    """The mask grown by one of its pixels (16 um on a slide's mask): what the engine
+    counts as tissue when it clears glass and when it takes statistics."""
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, np.ones((3, 3), bool))
+
+
+def statistics_mask(rgb: np.ndarray, mpp: float) -> "np.ndarray | None":
+    """Where an image of ``mpp`` um per pixel holds tissue, per pixel: the tissue mask
+    :func:`tissue_mask` gives for it, grown by one mask pixel, sampled at every pixel's
+    centre.  None when that is every pixel (or none).  Training uses it so that the
+    network's statistics are taken over the pixels the whole-slide engine takes them
+    over (``EngineConfig.tissue_statistics``)."""
+    from .image import ImageSlide
+
+    img = np.asarray(rgb)
+    if img.dtype != np.uint8:
+        img = np.clip(np.rint(np.asarray(img, np.float32) * 255.0), 0, 255).astype(np.uint8)
+    h, w = img.shape[:2]
+    m, m_mpp = tissue_mask(ImageSlide(img[..., :3], mpp=float(mpp)))
+    g = grow(m)
+    r = float(mpp) / float(m_mpp)
+    iy = np.clip(((np.arange(h) + 0.5) * r).astype(int), 0, g.shape[0] - 1)
+    ix = np.clip(((np.arange(w) + 0.5) * r).astype(int), 0, g.shape[1] - 1)
+    sm = g[np.ix_(iy, ix)]
+    if sm.all() or not sm.any():
+        return None
+    return sm

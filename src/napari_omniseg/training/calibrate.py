@@ -46,7 +46,7 @@ def probability_maps(ckpt, samples: Sequence[Sample], batch_size: int = 8, devic
     import torch
 
     from ..model.network import fg_probability
-    from .loop import _device, _pad_to
+    from .loop import _device, _pad_to, _stat_masks
 
     samples = [s if s.image is not None else load_arrays([s])[0] for s in samples]
     dev = _device(device) if isinstance(device, str) else device
@@ -60,8 +60,12 @@ def probability_maps(ckpt, samples: Sequence[Sample], batch_size: int = 8, devic
             for j in range(0, len(idxs), batch_size):
                 chunk = idxs[j : j + batch_size]
                 x = torch.from_numpy(np.stack([samples[i].image for i in chunk])).permute(0, 3, 1, 2).to(dev)
+                sm = _stat_masks(x.float() / 255.0, [samples[i].tissue.mpp for i in chunk], model)
                 x, crop = _pad_to(ckpt.normalize(x), ckpt.model.cfg.divisor)
-                p = fg_probability(model(x, [samples[i].tissue.id for i in chunk]).float())
+                sm = None if sm is None else _pad_to(sm.to(dev), ckpt.model.cfg.divisor)[0]
+                feats = model.features(x, sm)
+                tids = torch.tensor([[samples[i].tissue.id] for i in chunk], device=dev)
+                p = fg_probability(model.heads(feats, tids)[:, 0].float())
                 p = p[..., : crop[0], : crop[1]].cpu().numpy()
                 for k, i in enumerate(chunk):
                     out[i] = p[k]
@@ -88,7 +92,7 @@ def negative_table(ckpt, negatives: Sequence, grid: Sequence[float] = GRID, devi
     import torch
 
     from ..model.network import fg_probability
-    from .loop import _device, _pad_to
+    from .loop import _device, _pad_to, _stat_masks
 
     dev = _device(device) if isinstance(device, str) else device
     model = ckpt.model.to(dev).eval()
@@ -97,8 +101,10 @@ def negative_table(ckpt, negatives: Sequence, grid: Sequence[float] = GRID, devi
         for n in negatives:
             h, w = n.target.shape
             x = torch.from_numpy(np.ascontiguousarray(n.image)[None]).permute(0, 3, 1, 2).to(dev)
+            sm = _stat_masks(x.float() / 255.0, [n.tissue.mpp], model)
             x, _ = _pad_to(ckpt.normalize(x), ckpt.model.cfg.divisor)
-            p = fg_probability(model(x, [n.tissue.id]).float())[0, :h, :w].cpu().numpy()
+            sm = None if sm is None else _pad_to(sm.to(dev), ckpt.model.cfg.divisor)[0]
+            p = fg_probability(model.heads(model.features(x, sm), [n.tissue.id])[:, 0].float())[0, :h, :w].cpu().numpy()
             q = p[n.target == 0]
             if q.size == 0:
                 continue

@@ -109,6 +109,12 @@ class TrainConfig:
     #: (a near-white, slightly noisy field, background for every tissue), as the tiles at
     #: a biopsy's edge are: ``benchmarks/glass_context.py``
     mosaic_glass: float = 0.0
+    #: take every normalisation's statistics and the pooled vector over each crop's
+    #: tissue only (``slides.tissue_mask.statistics_mask``), as the whole-slide engine
+    #: then does (``NetConfig.statistics`` "tissue", written to the checkpoint): the
+    #: network learns on glass-edged images what it will see on them.  None = as the
+    #: model fine-tuned was trained (a new model: over the whole crop)
+    tissue_statistics: "bool | None" = None
     #: a model trained from scratch: the decoder's output channels every generated head
     #: reads (8 as the reference; ignored when fine-tuning, the parent's architecture stays)
     head_channels: int = 8
@@ -171,6 +177,21 @@ def _batch_tensors(samples, idx, cfg: TrainConfig, rng, train: bool, partners=No
     y = torch.from_numpy(np.stack(msks).astype(np.float32))
     w = torch.from_numpy(np.stack(wts))
     return x, y, w
+
+
+def _stat_masks(x: torch.Tensor, mpps, model) -> "torch.Tensor | None":
+    """Per-crop tissue masks (N x 1 x H x W) of a batch of images in [0, 1] for a model
+    whose statistics are its tissue's; None otherwise or when every crop is all tissue."""
+    if model.cfg.statistics != "tissue":
+        return None
+    from ..slides.tissue_mask import statistics_mask
+
+    imgs = (x.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    ms = [statistics_mask(im, mpp) for im, mpp in zip(imgs, mpps)]
+    if all(m is None for m in ms):
+        return None
+    full = np.ones(imgs.shape[1:3], bool)
+    return torch.from_numpy(np.stack([full if m is None else m for m in ms]))[:, None].float()
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
@@ -477,6 +498,8 @@ def train(
     partners = ([_mosaic_partners(train_samples, i) for i in range(len(train_samples))]
                 if cfg.mosaic > 0 else None)
     model = ckpt.model.to(dev)
+    if cfg.tissue_statistics is not None:
+        model.cfg.statistics = "tissue" if cfg.tissue_statistics else "tile"
     _set_frozen(model, cfg.freeze_encoder)
     optim = _make_optimizer(model, cfg)
     history: dict = {"epochs": [], "nonfinite_steps": 0, "config": cfg.to_dict()}
@@ -524,24 +547,27 @@ def train(
                 x, y = _negative_batch(negs, idx[1:], cfg, rng)
                 if not bool((y >= 0).any()):  # nothing known in these crops (augmentation moved it out)
                     continue
+                sm = _stat_masks(x, [negs[i].tissue.mpp for i in idx[1:]], model)
                 x, y = ckpt.normalize(x).to(dev), y.to(dev)
                 with autocast_for(dev, cfg.amp):
-                    logits = model.heads(model.features(x), [negs[idx[1]].tissue.id])
+                    logits = model.heads(model.features(x, sm), [negs[idx[1]].tissue.id])
                 loss = cfg.negative_weight * partial_label_loss(logits, y, None, primary=0)
             elif cfg.relations:
                 x, y, w, tids = _target_batch(train_samples, targets, idx, cfg, rng, partners)
+                sm = _stat_masks(x, [train_samples[i].tissue.mpp for i in idx], model)
                 x = ckpt.normalize(x).to(dev)
                 y, w = y.to(dev), w.to(dev)
                 with autocast_for(dev, cfg.amp):
-                    logits = model.heads(model.features(x), tids)
+                    logits = model.heads(model.features(x, sm), tids)
                 loss = partial_label_loss(logits, y, w, primary=0, derived_weight=cfg.derived_weight)
             else:
                 x, y, w = _batch_tensors(train_samples, idx, cfg, rng, train=True, partners=partners)
+                sm = _stat_masks(x, [train_samples[i].tissue.mpp for i in idx], model)
                 x = ckpt.normalize(x).to(dev)
                 y, w = y.to(dev), w.to(dev)
                 tid = train_samples[idx[0]].tissue.id
                 with autocast_for(dev, cfg.amp):
-                    logits = model(x, [tid] * len(idx))
+                    logits = model.heads(model.features(x, sm), [tid])[:, 0]
                 loss = dice_bce_loss(logits, y, w)
             optim.zero_grad(set_to_none=True)
             ok = bool(torch.isfinite(loss))
