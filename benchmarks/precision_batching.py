@@ -123,8 +123,9 @@ def main(argv=None) -> int:
             seg = _seg(ck, core=512, margin=32, skip_background=False, **kw, **base)
             if name == "padded4":  # the former rule: every batch padded to 4 tiles
                 seg._invariant = {}
-                seg._predict_batch = lambda x, ids, s=seg: s._predict_safely(
-                    np.concatenate([x, np.zeros((4 - len(x), *x.shape[1:]), x.dtype)]) if len(x) < 4 else x, ids)[: len(x)]
+                seg._predict_batch = lambda x, ids, sm=None, s=seg: s._predict_safely(
+                    np.concatenate([x, np.zeros((4 - len(x), *x.shape[1:]), x.dtype)]) if len(x) < 4 else x, ids,
+                    None if sm is None else list(sm) + [None] * (4 - len(x)))[: len(x)]
             segment_region(seg, img, None, ["distal_tubule"])  # warm-up
             t0 = time.perf_counter()
             segment_region(seg, img, None, ["distal_tubule"])

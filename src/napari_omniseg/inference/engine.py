@@ -307,6 +307,8 @@ class Segmenter:
     def _predict_safely(self, batch, tissue_ids, stat_masks=None):
         """Predict, halving the batch on out-of-memory (results do not depend on batch size)."""
         try:
+            if stat_masks is None:  # the call as it was before statistics masks (wrappers rely on it)
+                return self.predict_tiles(batch, tissue_ids)
             return self.predict_tiles(batch, tissue_ids, stat_masks)
         except torch.OutOfMemoryError:
             if len(batch) == 1:
@@ -315,9 +317,11 @@ class Segmenter:
                 torch.cuda.empty_cache()
             h = len(batch) // 2
             log.warning("out of memory with %d tiles; retrying in halves", len(batch))
-            sm = [None] * len(batch) if stat_masks is None else stat_masks
-            return np.concatenate([self._predict_safely(batch[:h], tissue_ids, sm[:h]),
-                                   self._predict_safely(batch[h:], tissue_ids, sm[h:])])
+            if stat_masks is None:
+                return np.concatenate([self._predict_safely(batch[:h], tissue_ids),
+                                       self._predict_safely(batch[h:], tissue_ids)])
+            return np.concatenate([self._predict_safely(batch[:h], tissue_ids, stat_masks[:h]),
+                                   self._predict_safely(batch[h:], tissue_ids, stat_masks[h:])])
 
     # ------------------------------------------------------------------ main loop
     def run(
@@ -603,7 +607,10 @@ class Segmenter:
     def _flush(self, batch, keys, ids, finish_tile, rep, stat_masks=None):
         t0 = time.perf_counter()
         n = len(batch)
-        probs = self._predict_batch(np.stack(batch), ids, stat_masks)
+        if stat_masks is None or all(m is None for m in stat_masks):
+            probs = self._predict_batch(np.stack(batch), ids)
+        else:
+            probs = self._predict_batch(np.stack(batch), ids, stat_masks)
         rep.model_seconds += time.perf_counter() - t0
         rep.tiles_run += len(batch)
         for t, p, img in zip(keys, probs, batch):
