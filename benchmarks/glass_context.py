@@ -45,13 +45,14 @@ def _dice(p: np.ndarray, g: np.ndarray) -> float:
     return float(2 * (p & g).sum() / max(1, int(p.sum() + g.sum())))
 
 
-def on_glass(img: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, int, int]:
+def on_glass(img: np.ndarray, k: float, rng: np.random.Generator) -> tuple[np.ndarray, int, int]:
     """``img`` in the middle of a glass canvas ``k`` times its side; returns it and the offset."""
     h, w = img.shape[:2]
     if k == 1:
         return img, 0, 0
-    canvas = np.clip(rng.normal(243, 2, (k * h, k * w, 3)), 0, 255).astype(np.uint8)
-    y, x = (k * h - h) // 2, (k * w - w) // 2
+    ch, cw = int(round(k * h)), int(round(k * w))
+    canvas = np.clip(rng.normal(243, 2, (ch, cw, 3)), 0, 255).astype(np.uint8)
+    y, x = (ch - h) // 2, (cw - w) // 2
     canvas[y:y + h, x:x + w] = img
     return canvas, y, x
 
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint")
     p.add_argument("--demo", default=str(SHARED / "renal-demo"))
     p.add_argument("--aidpath", default=str(SHARED / "aidpath-glomeruli" / "index.csv"))
-    p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--sizes", type=float, nargs="+", default=[1, 2, 3])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--whole-tile-statistics", action="store_true",
                    help="normalise over the whole tile, glass included (EngineConfig.tissue_statistics off)")
@@ -96,9 +97,9 @@ def main(argv=None) -> int:
         tissues = {t: float(np.mean(v)) for t, v in per.items()}
         row = {"test_per_tissue": tissues, "test_mean": float(np.mean(list(tissues.values()))) if tissues else None,
                "aidpath_mean": float(np.mean(aid_d)) if aid_d else None}
-        out["sizes"][k] = row
+        out["sizes"][f"{k:g}"] = row
         line = "  ".join(f"{t} {v:.3f}" for t, v in tissues.items())
-        print(f"glass canvas {k}x: test mean {row['test_mean'] if row['test_mean'] is None else round(row['test_mean'], 3)}"
+        print(f"glass canvas {k:g}x: test mean {row['test_mean'] if row['test_mean'] is None else round(row['test_mean'], 3)}"
               f" ({line}); AIDPATH held out {row['aidpath_mean'] if row['aidpath_mean'] is None else round(row['aidpath_mean'], 3)}",
               flush=True)
     print(f"model {ck.version}, statistics over {'the whole tile' if a.whole_tile_statistics else 'tissue only'}"

@@ -126,3 +126,34 @@ def test_shipped_model_keeps_tuft_and_unit_on_glass(demo_patches):
     assert m[("glass", True)] > m[("alone", True)] - 0.1, m
     assert m[("glass", False)] < m[("glass", True)] - 0.2, m
 
+
+
+def test_the_statistics_layers_diagnostic_restricts_the_mask_and_restores_the_network():
+    """``benchmarks/statistics_layers.py`` lets the mask reach only part of the network;
+    its figures are only right if each mode does what it says and leaves nothing behind."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "statistics_layers.py"
+    spec = importlib.util.spec_from_file_location("statistics_layers", path)
+    sl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sl)
+    torch.manual_seed(0)
+    net = OmniSegNet(NetConfig(widths=(16, 32, 32), blocks=(1, 1, 1), groups=4)).eval()
+    x = torch.rand(1, 3, 32, 32)
+    m = torch.ones(1, 1, 32, 32)
+    m[..., 20:] = 0
+    with torch.inference_mode():
+        plain = net.features(x)
+        masked = net.features(x, m)
+        with sl.restricted("pool"):  # GroupNorms over the whole tile: features as without a mask
+            pool = net.features(x, m)
+        with sl.restricted("norm"):  # pooled vector over the whole tile: spatial features as masked
+            norm = net.features(x, m)
+        after = net.features(x, m)
+    assert torch.equal(pool[0], plain[0]) and not torch.allclose(pool[1], plain[1])
+    assert torch.equal(norm[0], masked[0]) and not torch.allclose(norm[1], masked[1])
+    assert torch.equal(after[0], masked[0]) and torch.equal(after[1], masked[1])
+    with pytest.raises(ValueError, match="unknown mode"):
+        with sl.restricted("everything"):
+            pass
