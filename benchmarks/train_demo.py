@@ -76,6 +76,9 @@ def main(argv=None) -> int:
     p.add_argument("--mosaic", type=float, default=0.0, metavar="P",
                    help="probability that a batch is of 2 x 2 mosaics of same-magnification training images "
                         "(twice the crop's side: the context of a whole-slide tile)")
+    p.add_argument("--glass-edge", type=float, default=0.0, metavar="P",
+                   help="lever on: with probability P a crop keeps only part of its tissue, 20-75 %% glass "
+                        "(background for every head)")
     p.add_argument("--mosaic-glass", type=float, default=0.0, metavar="Q",
                    help="in a mosaic, probability that another quarter is glass (background for every head)")
     p.add_argument("--statistics", choices=("tile", "tissue"),
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
                       relations=not (ref or a.no_relations), object_crop=0.0 if (ref or a.no_object_crop) else 0.7,
                       balanced=a.balance or not (ref or a.no_balance),
                       controller_lr_mult=1.0 if (ref or a.uniform_init) else 0.1,
-                      cross_scale_negatives=a.negatives, mosaic=a.mosaic, mosaic_glass=a.mosaic_glass,
+                      cross_scale_negatives=a.negatives, mosaic=a.mosaic, mosaic_glass=a.mosaic_glass, glass_edge=a.glass_edge,
                       tissue_statistics=None if a.statistics is None else a.statistics == "tissue")
     init = None
     if a.init:

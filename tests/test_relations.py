@@ -265,3 +265,45 @@ def test_a_checkpoint_without_relations_trains_with_the_registry_ones():
     assert {n.tissue.name for n in cross_scale_negatives([sample(ART, m)], merged)} == {"glomerular_unit", "glomerular_tuft"}
     mes = Tissue(6, "mesangium", "mes", "Mesangium", 5, "#00ff00", inside="glomerular_tuft")
     assert with_registry_relations((mes,)) == (mes,)  # unknown to the registry: unchanged
+
+
+def test_glass_edge_turns_part_of_a_crop_into_background_glass_and_keeps_the_rest():
+    from napari_omniseg.training.loop import glass_edge
+
+    rng = np.random.default_rng(5)
+    img = np.random.default_rng(6).uniform(0.2, 0.6, (64, 64, 3)).astype(np.float32)  # all tissue
+    lab = np.full((64, 64, 2), UNKNOWN, np.int8)
+    lab[..., 0] = 1  # the labelled tissue everywhere; the second column unknown
+    shares = []
+    for _ in range(30):
+        out, got = glass_edge(img, lab, rng)
+        glass = out.min(-1) > 0.85
+        kept = np.all(out == img, axis=-1)
+        assert np.array_equal(glass, ~kept)  # every pixel is either the crop's own or glass
+        assert np.all(got[glass] == 0)  # glass is background for every column, known ones and unknown
+        assert np.array_equal(got[kept], lab[kept])  # the tissue left keeps its labels
+        assert kept.any(axis=1).sum() >= 1 and glass.any()
+        shares.append(glass.mean())
+    assert 0.15 < min(shares) and max(shares) < 0.8 and np.ptp(shares) > 0.3
+    # single-mask labels (the reference loss) work the same way
+    out, got = glass_edge(img, np.ones((64, 64), np.uint8), rng)
+    assert got.dtype == np.uint8 and np.array_equal(got == 0, out.min(-1) > 0.85)
+
+
+def test_both_batch_builders_put_glass_edges_in_crops_when_asked():
+    from napari_omniseg.training.loop import TrainConfig, _batch_tensors, _target_batch
+
+    rng = np.random.default_rng(1)
+    m = disk(n=96, r=30, cy=48, cx=48)
+    samples = [sample(UNIT, m, image=rng.integers(20, 150, (96, 96, 3), dtype=np.uint8), seed=k) for k in range(2)]
+    targets = build_targets(samples, TISSUES)
+    for p in (0.0, 1.0):
+        cfg = TrainConfig(crop=64, augment=False, glass_edge=p)
+        x, y, _w = _batch_tensors(samples, [0, 1], cfg, np.random.default_rng(2), train=True)
+        glass = x.amin(1) > 0.85
+        assert bool(glass.any()) == (p > 0)
+        assert torch.all(y[glass] == 0)
+        x, y, _w, _tids = _target_batch(samples, targets, [0, 1], cfg, np.random.default_rng(2))
+        glass = x.amin(1) > 0.85
+        assert bool(glass.any()) == (p > 0)
+        assert torch.all(y.permute(0, 2, 3, 1)[glass] == 0)

@@ -109,6 +109,12 @@ class TrainConfig:
     #: (a near-white, slightly noisy field, background for every tissue), as the tiles at
     #: a biopsy's edge are: ``benchmarks/glass_context.py``
     mosaic_glass: float = 0.0
+    #: probability that a training crop keeps only part of its tissue, the rest glass (a
+    #: near-white, slightly noisy field, background for every tissue): a band along one
+    #: side, the tissue in a corner, or the tissue in the middle, 20-75 % of the crop
+    #: glass. Tiles at a biopsy's edge are like that, and with whole-tile statistics the
+    #: glass changes what the network sees in the tissue (``benchmarks/glass_context.py``)
+    glass_edge: float = 0.0
     #: take every normalisation's statistics and the pooled vector over each crop's
     #: tissue only (``slides.tissue_mask.statistics_mask``), as the whole-slide engine
     #: then does (``NetConfig.statistics`` "tissue", written to the checkpoint): the
@@ -168,6 +174,8 @@ def _batch_tensors(samples, idx, cfg: TrainConfig, rng, train: bool, partners=No
                 m = _mosaic(samples, label_of, img, msk.astype(np.int8), cfg, rng, partners[i])
                 if m is not None:
                     img, msk = m
+            if cfg.glass_edge > 0 and rng.random() < cfg.glass_edge:
+                img, msk = glass_edge(img, np.asarray(msk), rng)
             if cfg.augment:
                 img, msk = augment(img, msk, rng, cfg.aug)
         imgs.append(img)
@@ -317,8 +325,7 @@ def _mosaic(samples, label_of, img, lab, cfg: TrainConfig, rng, partners):
             qi, ql = img, lab
         else:
             if cfg.mosaic_glass > 0 and rng.random() < cfg.mosaic_glass:
-                level = rng.uniform(0.92, 0.975)
-                qi = np.clip(level + rng.normal(0.0, 0.008, (c, c, 3)), 0.0, 1.0).astype(np.float32)
+                qi = _glass((c, c, 3), rng)
                 ql = np.zeros((c, c) + lab.shape[2:], np.int8)  # glass: background for every head
             else:
                 if not partners:
@@ -328,6 +335,45 @@ def _mosaic(samples, label_of, img, lab, cfg: TrainConfig, rng, partners):
         out_img[y0 : y0 + c, x0 : x0 + c] = qi
         out_lab[y0 : y0 + c, x0 : x0 + c] = ql
     return out_img, out_lab
+
+
+def _glass(shape, rng) -> np.ndarray:
+    """A near-white, slightly noisy field of glass (H x W x 3 in [0, 1])."""
+    level = rng.uniform(0.92, 0.975)
+    return np.clip(level + rng.normal(0.0, 0.008, shape), 0.0, 1.0).astype(np.float32)
+
+
+def glass_edge(img: np.ndarray, lab: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+    """``img`` (H x W x 3 in [0, 1]) and its labels (H x W [x T]) with 20-75 % of the
+    crop turned to glass: a band along one side, everything but a corner, or a frame
+    around the middle. The tissue left keeps its place and its labels; glass is
+    background (0) for every column. Returns new arrays."""
+    h, w = img.shape[:2]
+    f = rng.uniform(0.2, 0.75)
+    keep = np.zeros((h, w), bool)
+    layout = int(rng.integers(3))
+    if layout == 0:  # a band of glass along one side
+        side = int(rng.integers(4))
+        if side < 2:
+            b = int(round(f * h))
+            keep[b:] = True
+        else:
+            b = int(round(f * w))
+            keep[:, b:] = True
+        if side % 2:
+            keep = keep[::-1, ::-1].copy()
+    else:
+        th, tw = max(1, int(round(np.sqrt(1 - f) * h))), max(1, int(round(np.sqrt(1 - f) * w)))
+        if layout == 1:  # the tissue in a corner
+            y0 = 0 if rng.random() < 0.5 else h - th
+            x0 = 0 if rng.random() < 0.5 else w - tw
+        else:  # the tissue in the middle, glass all round
+            y0, x0 = int(rng.integers(1, max(2, h - th))), int(rng.integers(1, max(2, w - tw)))
+        keep[y0 : y0 + th, x0 : x0 + tw] = True
+    out = np.where(keep[..., None], img, _glass(img.shape, rng)).astype(np.float32)
+    k = keep.reshape(keep.shape + (1,) * (lab.ndim - 2))
+    lab = np.where(k, lab, np.zeros((), lab.dtype)).astype(lab.dtype)
+    return out, lab
 
 
 def _target_batch(samples, targets, idx, cfg: TrainConfig, rng, partners=None):
@@ -354,6 +400,8 @@ def _target_batch(samples, targets, idx, cfg: TrainConfig, rng, partners=None):
             if m is None:  # the only image of its magnification: no mosaic for this batch
                 return _target_batch(samples, targets, idx, replace(cfg, mosaic=0.0), rng)
             img, lab = m
+        if cfg.glass_edge > 0 and rng.random() < cfg.glass_edge:
+            img, lab = glass_edge(img, lab, rng)
         if cfg.augment:
             img, lab = augment(img, lab, rng, cfg.aug)
         imgs.append(img)
